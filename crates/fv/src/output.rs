@@ -1,0 +1,63 @@
+//! Shared output helpers: tables, JSON, exit codes.
+use crate::OutputFormat;
+use serde::Serialize;
+
+/// Marks an error as a refusal (exit code 3) rather than a failure (1).
+#[derive(Debug)]
+pub struct Refused(pub String);
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+/// Marks a usage error (exit code 2).
+#[derive(Debug)]
+pub struct Usage(pub String);
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Usage {}
+
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<Usage>().is_some() {
+        2
+    } else if e.downcast_ref::<Refused>().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
+/// Print `value` as JSON, or as the given table rows.
+pub fn emit<T: Serialize>(out: OutputFormat, value: &T, table: impl FnOnce() -> Vec<Vec<String>>) {
+    match out {
+        OutputFormat::Json => match serde_json::to_string_pretty(value) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("fv: cannot encode output: {e}"),
+        },
+        OutputFormat::Table => print_table(&table()),
+    }
+}
+
+/// Left-aligned columns; the first row is the header.
+pub fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut w = vec![0usize; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i + 1 == r.len() { c.clone() } else { format!("{c:<width$}", width = w[i]) })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

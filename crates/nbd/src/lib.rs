@@ -1,0 +1,2 @@
+//! NBD server exporting a BlockDevice
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! qemu-guest-agent client
+#![forbid(unsafe_code)]

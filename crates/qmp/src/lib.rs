@@ -1,0 +1,2 @@
+//! QEMU Machine Protocol client
+#![forbid(unsafe_code)]

@@ -1,0 +1,75 @@
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, DiskError>;
+
+/// Every way a disk operation can fail. Variants name the file and the field so the
+/// CLI can print one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid {format} image: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("{path}: unrecognised image format")]
+    UnknownFormat { path: PathBuf },
+    #[error("{path}: unsupported: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("range {offset}+{len} is outside the disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("offset {offset} or length {len} is not a multiple of the {sector}-byte sector")]
+    Unaligned { offset: u64, len: u64, sector: u32 },
+    #[error("{path}: opened read-only")]
+    ReadOnly { path: PathBuf },
+    #[error("{path}: the log is dirty and needs replay; open it writable (or pass --replay-log)")]
+    DirtyLog { path: PathBuf },
+    #[error("broken chain: {child} -> {parent}: {reason}")]
+    BrokenChain {
+        child: PathBuf,
+        parent: String,
+        reason: String,
+    },
+    #[error("cyclic chain: {path} appears twice")]
+    CyclicChain { path: PathBuf },
+    #[error("{child}: parent {parent} is outside the allowed directories")]
+    ParentNotAllowed { child: PathBuf, parent: PathBuf },
+    #[error("{child}: parent not found (tried {tried})")]
+    ParentNotFound { child: PathBuf, tried: String },
+    #[error("not enough free space on {path}: need {needed} bytes, {available} available")]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl DiskError {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DiskError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn corrupt(path: impl Into<PathBuf>, format: &'static str, reason: impl Into<String>) -> Self {
+        DiskError::Corrupt {
+            path: path.into(),
+            format,
+            reason: reason.into(),
+        }
+    }
+}

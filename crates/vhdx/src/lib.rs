@@ -1,0 +1,2 @@
+//! VHDX image format ([MS-VHDX]) with its metadata log
+#![forbid(unsafe_code)]

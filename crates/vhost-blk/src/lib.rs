@@ -1,0 +1,2 @@
+//! vhost-user-blk backend serving a BlockDevice to QEMU
+#![forbid(unsafe_code)]

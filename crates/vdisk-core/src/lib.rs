@@ -8,11 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod image;
 mod policy;
 mod raw;
 mod size;
 
 pub use error::{DiskError, Result};
+pub use image::{AllocationStats, CheckReport, CreateSpec, Image, ParentSpec, Progress};
 pub use policy::PathPolicy;
 pub use raw::RawLayer;
 pub use size::{format_size, parse_size};

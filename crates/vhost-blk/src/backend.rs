@@ -15,7 +15,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::request::{DeviceCtx, Scratch, MAX_DWZ_SECTORS, MAX_DWZ_SEGS, SECTOR};
 
@@ -283,9 +285,10 @@ impl VhostUserBackend for BlkBackend {
                 format!("event for unknown queue {device_event}"),
             )
         })?;
-        let slot = self.scratch.get(thread_id).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "unknown worker thread")
-        })?;
+        let slot = self
+            .scratch
+            .get(thread_id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown worker thread"))?;
         let mut scratch = slot
             .lock()
             .map_err(|_| io::Error::other("scratch lock poisoned"))?;

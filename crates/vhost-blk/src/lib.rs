@@ -180,7 +180,9 @@ impl BlkServer {
                 cfg.num_queues
             )));
         }
-        if cfg.queue_size < 2 || cfg.queue_size > MAX_QUEUE_SIZE || !cfg.queue_size.is_power_of_two()
+        if cfg.queue_size < 2
+            || cfg.queue_size > MAX_QUEUE_SIZE
+            || !cfg.queue_size.is_power_of_two()
         {
             return Err(VhostBlkError::InvalidConfig(format!(
                 "queue_size {} must be a power of two in 2..={MAX_QUEUE_SIZE}",
@@ -284,11 +286,7 @@ impl BlkServer {
         result
     }
 
-    fn serve_with(
-        &self,
-        backend: Arc<BlkBackend>,
-        mem: backend::Mem,
-    ) -> Result<(), VhostBlkError> {
+    fn serve_with(&self, backend: Arc<BlkBackend>, mem: backend::Mem) -> Result<(), VhostBlkError> {
         let mut daemon = VhostUserDaemon::new("fv-vhost-blk".to_string(), backend, mem)
             .map_err(|e| VhostBlkError::Daemon(e.to_string()))?;
         let mut listener =

@@ -73,7 +73,6 @@ impl Scratch {
             buf: Vec::new(),
         }
     }
-
 }
 
 /// Why a request could not be carried out; maps to a virtio status.
@@ -324,10 +323,7 @@ impl DeviceCtx {
             VIRTIO_BLK_T_OUT => (self.write(mem, scratch, sector, data_out_len), 0),
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-                let r = self
-                    .dev
-                    .flush()
-                    .map_err(|e| self.io_err("flush", 0, 0, e));
+                let r = self.dev.flush().map_err(|e| self.io_err("flush", 0, 0, e));
                 (r, 0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -500,7 +496,6 @@ impl DeviceCtx {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     //! Hostile-descriptor-chain tests of the request parser, driven through
@@ -649,7 +644,9 @@ mod tests {
         // sharing nothing: the parser must not rely on descriptor boundaries.
         let h = header(VIRTIO_BLK_T_OUT, 8);
         f.mem.write_slice(&h[..5], GuestAddress(HDR)).unwrap();
-        f.mem.write_slice(&h[5..], GuestAddress(HDR + 0x100)).unwrap();
+        f.mem
+            .write_slice(&h[5..], GuestAddress(HDR + 0x100))
+            .unwrap();
         f.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
         let (used, status) = f.run(&[
             d(HDR, 5, 0),
@@ -680,7 +677,10 @@ mod tests {
         assert_eq!(&back[..1024], &pattern[..]);
         assert_eq!(back[1024], OK);
         let s = f.ctx.stats.snapshot();
-        assert_eq!((s.reads, s.writes, s.bytes_read, s.bytes_written), (1, 1, 1024, 1024));
+        assert_eq!(
+            (s.reads, s.writes, s.bytes_read, s.bytes_written),
+            (1, 1, 1024, 1024)
+        );
     }
 
     #[test]
@@ -773,7 +773,9 @@ mod tests {
     #[test]
     fn unknown_type_is_unsupp_and_get_id_returns_serial() {
         let f = fixture(false);
-        f.mem.write_slice(&header(0x7777, 0), GuestAddress(HDR)).unwrap();
+        f.mem
+            .write_slice(&header(0x7777, 0), GuestAddress(HDR))
+            .unwrap();
         let (used, status) = f.run(&[d(HDR, 16, 0), d(STATUS, 1, W)]);
         assert_eq!((used, status), (1, UNSUPP));
 
@@ -791,7 +793,11 @@ mod tests {
     #[test]
     fn read_only_device_refuses_writes() {
         let f = fixture(true);
-        for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD] {
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            VIRTIO_BLK_T_DISCARD,
+        ] {
             f.mem.write_slice(&header(t, 0), GuestAddress(HDR)).unwrap();
             let mut seg = [0u8; 16];
             seg[8..12].copy_from_slice(&1u32.to_le_bytes());
@@ -818,18 +824,28 @@ mod tests {
             f.mem.write_slice(&header(t, 0), GuestAddress(HDR)).unwrap();
             let flat: Vec<u8> = segs.iter().flatten().copied().collect();
             f.mem.write_slice(&flat, GuestAddress(DATA)).unwrap();
-            f.run(&[d(HDR, 16, 0), d(DATA, flat.len() as u32, 0), d(STATUS, 1, W)])
+            f.run(&[
+                d(HDR, 16, 0),
+                d(DATA, flat.len() as u32, 0),
+                d(STATUS, 1, W),
+            ])
         };
         // Discard with the unmap flag (not allowed for discard) -> UNSUPP, nothing done.
         assert_eq!(run_dwz(VIRTIO_BLK_T_DISCARD, &[dwz(0, 8, 1)]), (1, UNSUPP));
         // Unknown write-zeroes flag -> UNSUPP.
-        assert_eq!(run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(0, 8, 2)]), (1, UNSUPP));
+        assert_eq!(
+            run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(0, 8, 2)]),
+            (1, UNSUPP)
+        );
         // Too many segments -> UNSUPP.
         let many = vec![dwz(0, 1, 0); MAX_DWZ_SEGS as usize + 1];
         assert_eq!(run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &many), (1, UNSUPP));
         // A valid first segment followed by an out-of-range one: nothing may change.
         assert_eq!(
-            run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(0, 8, 0), dwz(DISK / 512, 8, 0)]),
+            run_dwz(
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                &[dwz(0, 8, 0), dwz(DISK / 512, 8, 0)]
+            ),
             (1, IOERR)
         );
         // Payload not a multiple of the segment size.
@@ -844,10 +860,7 @@ mod tests {
         assert!(f.rec.0.lock().unwrap().is_empty());
 
         // Valid: zero sectors 2..4 (with unmap) and discard sector 10.
-        assert_eq!(
-            run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(2, 2, 1)]),
-            (1, OK)
-        );
+        assert_eq!(run_dwz(VIRTIO_BLK_T_WRITE_ZEROES, &[dwz(2, 2, 1)]), (1, OK));
         assert_eq!(run_dwz(VIRTIO_BLK_T_DISCARD, &[dwz(10, 1, 0)]), (1, OK));
         let file = f.file();
         assert!(file[1024..2048].iter().all(|&b| b == 0));
@@ -881,7 +894,10 @@ mod tests {
             let next_flag = if i == n - 1 { 0 } else { 1 };
             let desc = SplitDescriptor::new(addr, len, flags | next_flag, i + 1);
             f.mem
-                .write_obj(RawDescriptor::from(desc), GuestAddress(table + u64::from(i) * 16))
+                .write_obj(
+                    RawDescriptor::from(desc),
+                    GuestAddress(table + u64::from(i) * 16),
+                )
                 .unwrap();
         }
         let (used, _) = f.run(&[d(table, u32::from(n) * 16, VRING_DESC_F_INDIRECT as u16)]);

@@ -1,0 +1,654 @@
+//! Disk operations as library functions (the CLI and the daemon call these).
+
+use crate::{
+    detect_format, open_format, open_layer, parent_candidates, resolve_parent, verify_link,
+    LayerFile, OpenOptions,
+};
+use fv_vdisk_core::{
+    AllocationStats, BlockDevice, CheckReport, CreateSpec, DiskError, DiskFormat, DiskKind,
+    ExtentState, Layer, LayerIdentity, ParentLocator, ParentSpec, PathPolicy, Progress, RawLayer,
+    Result,
+};
+use serde::Serialize;
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use uuid::Uuid;
+
+const COPY_CHUNK: usize = 1 << 20;
+
+fn ro() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
+}
+
+fn rw() -> OpenOptions {
+    OpenOptions::default()
+}
+
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `to` relative to directory `from` (both absolute, canonical).
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    let f: Vec<Component> = from.components().collect();
+    let t: Vec<Component> = to.components().collect();
+    let common = f.iter().zip(t.iter()).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+/// What a child at `child` records about `parent` (opened from `parent_path`).
+pub fn parent_spec(child: &Path, parent_path: &Path, parent: &LayerFile) -> Result<ParentSpec> {
+    let pc = parent_path
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", parent_path, e))?;
+    let cd = dir_of(child);
+    let cdc = cd.canonicalize().map_err(|e| DiskError::io("resolve", &cd, e))?;
+    let rel = relative_path(&cdc, &pc);
+    let to_str = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| DiskError::InvalidArgument(format!("{} is not valid UTF-8", p.display())))
+    };
+    let info = parent.layer().info();
+    Ok(ParentSpec {
+        identity: parent.current_identity(),
+        virtual_size: parent.size(),
+        relative_path: to_str(&rel)?,
+        absolute_path: to_str(&pc)?,
+        parent_disk_id: info.disk_id,
+    })
+}
+
+/// Create a new image. Differencing disks are made with [`create_differencing`].
+pub fn create(path: &Path, format: DiskFormat, spec: &CreateSpec) -> Result<()> {
+    match format {
+        DiskFormat::Raw => {
+            if spec.kind == DiskKind::Differencing {
+                return Err(DiskError::InvalidArgument("raw images cannot be differencing".into()));
+            }
+            RawLayer::create(path, spec.virtual_size).map(drop)
+        }
+        DiskFormat::Vhd => fv_vhd::VhdFile::create(path, spec).map(drop),
+        DiskFormat::Vhdx => Err(DiskError::Unsupported {
+            path: path.to_path_buf(),
+            what: "VHDX support is not wired in yet".into(),
+        }),
+    }
+}
+
+/// Create a differencing disk on `parent` (same format as the parent), recording
+/// both the relative and the absolute path of the parent.
+pub fn create_differencing(child: &Path, parent_path: &Path, block_size: u32) -> Result<()> {
+    let parent = open_layer(parent_path, None, &ro())?;
+    let info = parent.layer().info().clone();
+    if info.format == DiskFormat::Raw {
+        return Err(DiskError::InvalidArgument(
+            "a raw image cannot be the parent of a differencing disk".into(),
+        ));
+    }
+    let ps = parent_spec(child, parent_path, &parent)?;
+    let spec = CreateSpec {
+        virtual_size: info.virtual_size,
+        kind: DiskKind::Differencing,
+        block_size,
+        logical_sector_size: info.logical_sector_size,
+        physical_sector_size: info.physical_sector_size,
+        parent: Some(ps),
+    };
+    create(child, info.format, &spec)
+}
+
+/// One layer as `inspect` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    #[serde(rename = "type")]
+    pub kind: DiskKind,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    pub block_size: u32,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    pub disk_id: Option<Uuid>,
+    pub identity: LayerIdentity,
+    pub allocation: Option<AllocationStats>,
+    /// The link to this layer's parent, for differencing layers.
+    pub parent: Option<LinkReport>,
+}
+
+/// A child's link to its parent.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkReport {
+    pub locator: ParentLocator,
+    /// Paths tried, in order.
+    pub candidates: Vec<PathBuf>,
+    /// The file the link resolved to (within the policy), if any.
+    pub resolved: Option<PathBuf>,
+    /// The parent exists, is allowed, and matches the recorded identity and size.
+    pub verified: bool,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectReport {
+    #[serde(flatten)]
+    pub top: LayerReport,
+    /// Ancestors, nearest first (as far as they resolve).
+    pub chain: Vec<LayerReport>,
+}
+
+fn layer_report(path: &Path, l: &LayerFile) -> Result<LayerReport> {
+    let info = l.layer().info();
+    let file_size = std::fs::metadata(path)
+        .map_err(|e| DiskError::io("stat", path, e))?
+        .len();
+    let allocation = match l.image() {
+        Some(i) => Some(i.allocation()?),
+        None => Some(AllocationStats {
+            file_size,
+            ..Default::default()
+        }),
+    };
+    Ok(LayerReport {
+        path: path.to_path_buf(),
+        format: info.format,
+        kind: info.kind,
+        virtual_size: info.virtual_size,
+        file_size,
+        block_size: info.block_size,
+        logical_sector_size: info.logical_sector_size,
+        physical_sector_size: info.physical_sector_size,
+        disk_id: info.disk_id,
+        identity: info.identity.clone(),
+        allocation,
+        parent: None,
+    })
+}
+
+/// Describe an image and its chain; broken links are reported, not errors.
+pub fn inspect(path: &Path) -> Result<InspectReport> {
+    inspect_with(path, &PathPolicy::image_dir_only())
+}
+
+pub fn inspect_with(path: &Path, policy: &PathPolicy) -> Result<InspectReport> {
+    let top_dir = dir_of(path);
+    let mut cur_path = path.to_path_buf();
+    let mut cur = open_layer(path, None, &ro())?;
+    let mut reports = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    if let Ok(c) = path.canonicalize() {
+        seen.insert(c);
+    }
+    loop {
+        let mut rep = layer_report(&cur_path, &cur)?;
+        let Some(loc) = cur.layer().parent_locator().cloned() else {
+            reports.push(rep);
+            break;
+        };
+        let mut link = LinkReport {
+            candidates: parent_candidates(&cur_path, &loc),
+            locator: loc.clone(),
+            resolved: None,
+            verified: false,
+            problem: None,
+        };
+        let mut next = None;
+        match resolve_parent(&cur_path, &loc, policy, &top_dir) {
+            Err(e) => link.problem = Some(e.to_string()),
+            Ok(p) if !seen.insert(p.clone()) => {
+                link.resolved = Some(p.clone());
+                link.problem = Some(DiskError::CyclicChain { path: p }.to_string());
+            }
+            Ok(p) => {
+                link.resolved = Some(p.clone());
+                match open_layer(&p, None, &ro()) {
+                    Err(e) => link.problem = Some(e.to_string()),
+                    Ok(parent) => {
+                        match verify_link(&cur, &parent) {
+                            Ok(()) => link.verified = true,
+                            Err(r) => link.problem = Some(r),
+                        }
+                        next = Some((p, parent));
+                    }
+                }
+            }
+        }
+        rep.parent = Some(link);
+        reports.push(rep);
+        match next {
+            Some((p, l)) if reports.len() < crate::MAX_CHAIN_DEPTH => {
+                cur_path = p;
+                cur = l;
+            }
+            _ => break,
+        }
+    }
+    let mut it = reports.into_iter();
+    let top = it.next().ok_or(DiskError::Cancelled)?;
+    Ok(InspectReport {
+        top,
+        chain: it.collect(),
+    })
+}
+
+/// Structural check of one image, plus whether its chain opens.
+pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    let mut chain_problem = None;
+    if let Ok(l) = open_layer(path, None, &ro()) {
+        if l.layer().parent_locator().is_some() {
+            drop(l);
+            if let Err(e) = crate::open(path, &ro()) {
+                chain_problem = Some(e.to_string());
+            }
+        }
+    }
+    let l = open_layer(path, None, &if repair { rw() } else { ro() })?;
+    let mut r = match l.image() {
+        Some(i) => i.check(repair)?,
+        None => CheckReport::default(),
+    };
+    if let Some(p) = chain_problem {
+        r.errors.push(p);
+    }
+    Ok(r)
+}
+
+/// Free bytes available to us on the filesystem holding `dir`.
+pub fn free_space(dir: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(dir).map_err(|e| DiskError::io("statvfs", dir, e.into()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+fn ensure_space(dir: &Path, needed: u64) -> Result<()> {
+    let available = free_space(dir)?;
+    if available < needed {
+        return Err(DiskError::NoSpace {
+            path: dir.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// Removes a file on drop unless disarmed (partial outputs, temporary files).
+struct RemoveOnDrop(Option<PathBuf>);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn is_qcow2(path: &Path) -> Result<Option<u64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| DiskError::io("open", path, e))?;
+    let mut h = [0u8; 32];
+    if f.read_exact_at(&mut h, 0).is_err() || &h[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&h[24..32]);
+    Ok(Some(u64::from_be_bytes(s)))
+}
+
+fn partial_path(dst: &Path) -> PathBuf {
+    let mut s = dst.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Convert any image (a whole chain is flattened; qcow2 goes through `qemu-img
+/// convert -O raw` into a temporary file beside the destination) into a new
+/// fixed or dynamic image. The source is opened read-only; the output is written
+/// to `<dst>.partial` and renamed into place when complete.
+pub fn convert(src: &Path, dst: &Path, to: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+    convert_with(src, dst, to, kind, &ro(), progress)
+}
+
+pub fn convert_with(
+    src: &Path,
+    dst: &Path,
+    to: DiskFormat,
+    kind: DiskKind,
+    opts: &OpenOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    if kind == DiskKind::Differencing {
+        return Err(DiskError::InvalidArgument("convert produces fixed or dynamic disks".into()));
+    }
+    if dst.exists() {
+        return Err(DiskError::Refused {
+            path: dst.to_path_buf(),
+            reason: "destination exists".into(),
+        });
+    }
+    let dst_dir = dir_of(dst);
+    let opts = OpenOptions {
+        read_only: true,
+        ..opts.clone()
+    };
+    let mut _tmp = RemoveOnDrop(None);
+    let disk = if let Some(vsize) = is_qcow2(src)? {
+        let qsize = std::fs::metadata(src).map_err(|e| DiskError::io("stat", src, e))?.len();
+        ensure_space(&dst_dir, qsize.min(vsize))?;
+        let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dst_dir.join(format!(".{name}.{}.qcow2-src.raw", std::process::id()));
+        _tmp = RemoveOnDrop(Some(tmp.clone()));
+        let out = Command::new("qemu-img")
+            .arg("convert")
+            .args(["-f", "qcow2", "-O", "raw"])
+            .arg(src)
+            .arg(&tmp)
+            .output()
+            .map_err(|e| DiskError::io("run qemu-img", src, e))?;
+        if !out.status.success() {
+            return Err(DiskError::Unsupported {
+                path: src.to_path_buf(),
+                what: format!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+        open_format(&tmp, Some(DiskFormat::Raw), &opts)?
+    } else {
+        crate::open(src, &opts)?
+    };
+    copy_disk(&disk, dst, to, kind, progress)
+}
+
+/// Bytes the copy will store: fixed = the whole size; dynamic = touched blocks.
+fn estimate(disk: &dyn BlockDevice, to: DiskFormat, kind: DiskKind, block: u64) -> Result<u64> {
+    let size = disk.size();
+    if kind == DiskKind::Fixed && to != DiskFormat::Raw {
+        return Ok(size + (1 << 20));
+    }
+    let mut blocks = std::collections::BTreeSet::new();
+    for e in disk.block_status(0, size)? {
+        if e.state == ExtentState::Data {
+            for b in e.offset / block..(e.offset + e.length).div_ceil(block) {
+                blocks.insert(b);
+            }
+        }
+    }
+    Ok(blocks.len() as u64 * (block + 512) + size / block * 4 + (1 << 20))
+}
+
+fn copy_disk(disk: &dyn BlockDevice, dst: &Path, to: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+    let size = disk.size();
+    ensure_space(&dir_of(dst), estimate(disk, to, kind, 2 << 20)?)?;
+    let partial = partial_path(dst);
+    let _ = std::fs::remove_file(&partial);
+    let guard = RemoveOnDrop(Some(partial.clone()));
+    let out: LayerFile = match to {
+        DiskFormat::Raw => LayerFile::Raw(RawLayer::create(&partial, size)?),
+        DiskFormat::Vhd => LayerFile::Vhd(fv_vhd::VhdFile::create(
+            &partial,
+            &CreateSpec {
+                virtual_size: size,
+                kind,
+                block_size: 0,
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+                parent: None,
+            },
+        )?),
+        DiskFormat::Vhdx => {
+            return Err(DiskError::Unsupported {
+                path: dst.to_path_buf(),
+                what: "VHDX support is not wired in yet".into(),
+            })
+        }
+    };
+    copy_extents(disk, out.layer(), size, progress)?;
+    out.layer().flush()?;
+    drop(out);
+    std::fs::rename(&partial, dst).map_err(|e| DiskError::io("rename", dst, e))?;
+    std::mem::forget(guard);
+    sync_dir(&dir_of(dst));
+    Ok(())
+}
+
+fn sync_dir(d: &Path) {
+    if let Ok(f) = std::fs::File::open(d) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Copy every data extent of `disk` that is not all zeros into a fresh `out`.
+fn copy_extents(disk: &dyn BlockDevice, out: &dyn Layer, size: u64, progress: Progress<'_>) -> Result<()> {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let window = 1u64 << 30;
+    let mut w = 0;
+    while w < size {
+        let wl = window.min(size - w);
+        for e in disk.block_status(w, wl)? {
+            if e.state != ExtentState::Data {
+                continue;
+            }
+            let mut pos = e.offset;
+            while pos < e.offset + e.length {
+                let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
+                disk.read_at(pos, &mut buf[..n])?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    out.write(pos, &buf[..n])?;
+                }
+                pos += n as u64;
+                if !progress(pos, size) {
+                    return Err(DiskError::Cancelled);
+                }
+            }
+        }
+        w += wl;
+    }
+    progress(size, size);
+    Ok(())
+}
+
+/// Flatten `child`'s chain into a new disk; the originals are kept.
+pub fn merge_to_new(child: &Path, dst: &Path, format: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+    convert(child, dst, format, kind, progress)
+}
+
+/// Reclaim space in one image; returns the bytes the file shrank by.
+pub fn compact(path: &Path, progress: Progress<'_>) -> Result<u64> {
+    let l = open_layer(path, None, &rw())?;
+    match l.image() {
+        Some(i) => i.compact(progress),
+        None => Ok(0),
+    }
+}
+
+/// Images in `dir` whose parent locator points at `parent`.
+pub fn find_children(dir: &Path, parent: &Path) -> Result<Vec<PathBuf>> {
+    let target = parent.canonicalize().map_err(|e| DiskError::io("resolve", parent, e))?;
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| DiskError::io("read dir", dir, e))?;
+    for ent in rd.flatten() {
+        let p = ent.path();
+        if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) || p.canonicalize().ok().as_ref() == Some(&target) {
+            continue;
+        }
+        let Ok(fmt) = detect_format(&p) else { continue };
+        if fmt == DiskFormat::Raw {
+            continue;
+        }
+        let Ok(l) = open_layer(&p, Some(fmt), &ro()) else { continue };
+        let Some(loc) = l.layer().parent_locator() else { continue };
+        if parent_candidates(&p, loc)
+            .iter()
+            .any(|c| c.canonicalize().ok().as_ref() == Some(&target))
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Change the virtual size. Refused for differencing disks and for disks with
+/// children in their directory (growing a parent would break them).
+pub fn resize(path: &Path, new_size: u64) -> Result<()> {
+    let kids = find_children(&dir_of(path), path)?;
+    if !kids.is_empty() {
+        return Err(DiskError::Refused {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the disk has differencing children: {}",
+                kids.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    let l = open_layer(path, None, &rw())?;
+    if l.layer().info().kind == DiskKind::Differencing {
+        return Err(DiskError::Refused {
+            path: path.to_path_buf(),
+            reason: "a differencing disk has its parent's size; resize the merged disk instead".into(),
+        });
+    }
+    match l.image() {
+        Some(i) => i.resize(new_size),
+        None => {
+            drop(l);
+            resize_raw(path, new_size)
+        }
+    }
+}
+
+fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| DiskError::io("open", path, e))?;
+    let old = f.metadata().map_err(|e| DiskError::io("stat", path, e))?.len();
+    let mut pos = new_size;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    while pos < old {
+        let n = (old - pos).min(COPY_CHUNK as u64) as usize;
+        f.read_exact_at(&mut buf[..n], pos).map_err(|e| DiskError::io("read", path, e))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Err(DiskError::Refused {
+                path: path.to_path_buf(),
+                reason: format!("cannot shrink: data at or after offset {pos}"),
+            });
+        }
+        pos += n as u64;
+    }
+    f.set_len(new_size).map_err(|e| DiskError::io("truncate", path, e))?;
+    f.sync_all().map_err(|e| DiskError::io("fsync", path, e))
+}
+
+/// Write a differencing disk's data into its parent, then delete the child (as
+/// Hyper-V does). Other children of the parent become invalid (the parent's identity
+/// changes), so this is refused when siblings exist unless `force`.
+pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> Result<PathBuf> {
+    let c = open_layer(child, None, &ro())?;
+    let Some(loc) = c.layer().parent_locator().cloned() else {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: "not a differencing disk".into(),
+        });
+    };
+    let cdir = dir_of(child);
+    let ppath = resolve_parent(child, &loc, &PathPolicy::image_dir_only(), &cdir)?;
+    {
+        let p = open_layer(&ppath, None, &ro())?;
+        verify_link(&c, &p).map_err(|reason| DiskError::BrokenChain {
+            child: child.to_path_buf(),
+            parent: ppath.display().to_string(),
+            reason,
+        })?;
+    }
+    let me = child.canonicalize().map_err(|e| DiskError::io("resolve", child, e))?;
+    let siblings: Vec<PathBuf> = find_children(&dir_of(&ppath), &ppath)?
+        .into_iter()
+        .filter(|s| s.canonicalize().ok().as_ref() != Some(&me))
+        .collect();
+    if !siblings.is_empty() && !force {
+        return Err(DiskError::Refused {
+            path: ppath.clone(),
+            reason: format!(
+                "merging changes the parent and would invalidate its other children: {}",
+                siblings.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    let parent = open_layer(&ppath, None, &rw())?;
+    let size = c.layer().info().virtual_size;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut absent = Vec::new();
+    for e in c.layer().extents(0, size)? {
+        match e.state {
+            ExtentState::Absent => {}
+            ExtentState::Zero => parent.layer().write_zeroes(e.offset, e.length)?,
+            ExtentState::Data => {
+                let mut pos = e.offset;
+                while pos < e.offset + e.length {
+                    let n = (e.offset + e.length - pos).min(COPY_CHUNK as u64) as usize;
+                    absent.clear();
+                    c.layer().read_layer(pos, &mut buf[..n], &mut absent)?;
+                    parent.layer().write(pos, &buf[..n])?;
+                    pos += n as u64;
+                    if !progress(pos, size) {
+                        parent.layer().flush()?;
+                        return Err(DiskError::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+    parent.layer().flush()?;
+    drop(parent);
+    drop(c);
+    std::fs::remove_file(child).map_err(|e| DiskError::io("remove", child, e))?;
+    sync_dir(&cdir);
+    Ok(ppath)
+}
+
+/// Point a differencing disk at a (moved) parent, rewriting both the relative and the
+/// absolute locator. The new parent must be the one the child was made from (same
+/// identity and size) unless `force`, which also records the new parent's identity.
+pub fn set_parent(child: &Path, new_parent: &Path, force: bool) -> Result<()> {
+    let c = open_layer(child, None, &rw())?;
+    if c.layer().parent_locator().is_none() {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: "not a differencing disk".into(),
+        });
+    }
+    let p = open_layer(new_parent, None, &ro())?;
+    if let Err(reason) = verify_link(&c, &p) {
+        let fatal = c.layer().info().format != p.layer().info().format
+            || c.layer().info().virtual_size != p.layer().info().virtual_size;
+        if fatal || !force {
+            return Err(DiskError::BrokenChain {
+                child: child.to_path_buf(),
+                parent: new_parent.display().to_string(),
+                reason,
+            });
+        }
+    }
+    let spec = parent_spec(child, new_parent, &p)?;
+    match c.image() {
+        Some(i) => i.set_parent(&spec),
+        None => Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: "not a differencing disk".into(),
+        }),
+    }
+}

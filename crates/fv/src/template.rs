@@ -1,10 +1,62 @@
 //! `fv template …` (owned by the guest-template work).
+use crate::output::emit;
 use crate::OutputFormat;
-use clap::Args;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Args)]
-pub struct TemplateArgs {}
+pub struct TemplateArgs {
+    #[command(subcommand)]
+    cmd: TemplateCmd,
+}
 
-pub fn run(_a: TemplateArgs, _out: OutputFormat) -> anyhow::Result<()> {
-    anyhow::bail!("fv template: not built yet")
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build the tiny guest template from Debian packages (or reuse the cached one).
+    Build {
+        /// Cache directory (default: $FV_TEMPLATE_DIR, else <workspace>/target/templates).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(a: TemplateArgs, out: OutputFormat) -> anyhow::Result<()> {
+    match a.cmd {
+        TemplateCmd::Build { out: dir } => {
+            let dir = dir.unwrap_or_else(fv_guest_template::default_cache_dir);
+            let started = Instant::now();
+            let (t, status) = fv_guest_template::ensure_status(&dir)?;
+            let secs = started.elapsed().as_secs_f64();
+            let value = serde_json::json!({
+                "status": status,
+                "seconds": secs,
+                "cache_key": t.cache_key,
+                "bios_disk": t.bios_disk,
+                "kernel": t.kernel,
+                "initrd": t.initrd,
+                "data_disk": t.data_disk,
+                "cmdline": t.cmdline,
+                "ready_marker": t.ready_marker,
+            });
+            let status = match status {
+                fv_guest_template::CacheStatus::Built => "built",
+                fv_guest_template::CacheStatus::Cached => "cached",
+            };
+            emit(out, &value, || {
+                vec![
+                    vec!["FIELD".into(), "VALUE".into()],
+                    vec!["status".into(), format!("{status} ({secs:.1} s)")],
+                    vec!["cache_key".into(), t.cache_key.clone()],
+                    vec!["bios_disk".into(), t.bios_disk.display().to_string()],
+                    vec!["kernel".into(), t.kernel.display().to_string()],
+                    vec!["initrd".into(), t.initrd.display().to_string()],
+                    vec!["data_disk".into(), t.data_disk.display().to_string()],
+                    vec!["cmdline".into(), t.cmdline.clone()],
+                    vec!["ready_marker".into(), t.ready_marker.clone()],
+                ]
+            });
+            Ok(())
+        }
+    }
 }

@@ -1,17 +1,41 @@
 //! Builds the tiny Debian guest template offline from Debian packages.
 //!
 //! The template is assembled from `apt-get download` + `dpkg-deb -x` into a
-//! staging directory; no root mounts, loop devices or chroots are used.
+//! staging directory; no root mounts, loop devices or chroots are used. See
+//! README.md for the guest's behaviour.
 #![forbid(unsafe_code)]
 
-use serde::Serialize;
+mod apt;
+mod build;
+mod cpio;
+mod elf;
+mod guest_files;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
 
 /// Printed on the guest's ttyS0 once it is ready (agent running, /data mounted).
 pub const READY_MARKER: &str = "FERROVISOR-GUEST-READY";
 
+/// Bump whenever the build recipe (scripts, layout, module list...) changes:
+/// it is part of the cache key.
+pub const RECIPE_VERSION: &str = "fv-guest-template/1";
+
+/// Label of the ext4 data filesystem (partition 2 of the BIOS disk, and the data disk).
+pub const DATA_LABEL: &str = build::DATA_LABEL;
+
+/// Name of the file inside the data filesystem seeded at build time.
+pub const SEED_FILE: &str = "hello.txt";
+/// Content of [`SEED_FILE`].
+pub const SEED_CONTENT: &str = guest_files::HELLO;
+
 /// A built guest template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Template {
     /// Raw MBR disk, BIOS-bootable (syslinux); partition 2 is the ext4 data fs.
     pub bios_disk: PathBuf,
@@ -37,6 +61,22 @@ pub enum CacheStatus {
     Cached,
 }
 
+/// Written last into a cache entry: its presence marks the entry complete.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub recipe: String,
+    pub cache_key: String,
+    pub kernel_package: String,
+    pub kernel_version: String,
+    pub packages: BTreeMap<String, String>,
+    pub modules: Vec<String>,
+    pub libraries: Vec<String>,
+    pub cmdline: String,
+    pub build_seconds: f64,
+}
+
+pub const MANIFEST: &str = "template.json";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("I/O error on {path}: {source}")]
@@ -53,13 +93,180 @@ pub enum TemplateError {
     Build(String),
 }
 
+pub(crate) fn io_err(p: &Path, source: std::io::Error) -> TemplateError {
+    TemplateError::Io { path: p.to_path_buf(), source }
+}
+
+pub(crate) fn spawn_err(cmd: &Command, e: std::io::Error) -> TemplateError {
+    let prog = cmd.get_program().to_string_lossy().into_owned();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        TemplateError::MissingTool(prog)
+    } else {
+        TemplateError::Command { cmd: prog, detail: e.to_string() }
+    }
+}
+
+/// Runs a command to completion; stdout on success, stderr in the error.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, TemplateError> {
+    let o = cmd.output().map_err(|e| spawn_err(cmd, e))?;
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(TemplateError::Command { cmd: format!("{cmd:?}"), detail: format!("{}: {tail}", o.status) });
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The cache directory tests should use: `$FV_TEMPLATE_DIR`, else
+/// `<workspace>/target/templates`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FV_TEMPLATE_DIR") {
+        return PathBuf::from(d);
+    }
+    // crates/guest-template -> workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/templates")
+}
+
+fn host_pkg_version(pkg: &str) -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", pkg])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// sha256 over the recipe version, every package=version used, and the host
+/// syslinux (its boot code is written into the disk); first 16 hex digits.
+fn cache_key(pkgs: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("recipe={RECIPE_VERSION}\n"));
+    for (p, v) in pkgs {
+        h.update(format!("{p}={v}\n"));
+    }
+    h.update(format!("host:syslinux-common={}\n", host_pkg_version("syslinux-common")));
+    let d = h.finalize();
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn template_in(dir: &Path, key: &str) -> Template {
+    Template {
+        bios_disk: dir.join(build::BIOS_DISK),
+        kernel: dir.join(build::KERNEL),
+        initrd: dir.join(build::INITRD),
+        data_disk: dir.join(build::DATA_DISK),
+        cmdline: build::direct_cmdline(),
+        ready_marker: READY_MARKER.to_string(),
+        cache_key: key.to_string(),
+    }
+}
+
+/// A complete cache entry: manifest readable, recipe current, all files present.
+fn load_complete(dir: &Path) -> Option<(Template, Manifest)> {
+    let m: Manifest = serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
+    if m.recipe != RECIPE_VERSION {
+        return None;
+    }
+    let t = template_in(dir, &m.cache_key);
+    [&t.bios_disk, &t.kernel, &t.initrd, &t.data_disk].iter().all(|p| p.is_file()).then_some((t, m))
+}
+
+/// Newest complete entry of the current recipe (used when apt cannot answer).
+fn latest_complete(cache_dir: &Path) -> Option<Template> {
+    let mut best: Option<(std::time::SystemTime, Template)> = None;
+    for e in fs::read_dir(cache_dir).ok()?.flatten() {
+        let p = e.path();
+        if p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
+            continue;
+        }
+        if let Some((t, _)) = load_complete(&p) {
+            let mt = fs::metadata(p.join(MANIFEST)).and_then(|m| m.modified()).ok()?;
+            if best.as_ref().is_none_or(|(b, _)| mt > *b) {
+                best = Some((mt, t));
+            }
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
 /// Builds the template under `cache_dir/<cache_key>` or reuses a complete one.
 pub fn ensure(cache_dir: &Path) -> Result<Template, TemplateError> {
     ensure_status(cache_dir).map(|(t, _)| t)
 }
 
 /// Like [`ensure`], also telling whether it built or reused the template.
+///
+/// Safe to call from several processes at once: an exclusive `flock` on
+/// `cache_dir/.lock` serialises them, and an entry is built in a temporary
+/// directory and renamed into place only when complete.
 pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), TemplateError> {
-    let _ = cache_dir;
-    Err(TemplateError::Build("not implemented yet".into()))
+    fs::create_dir_all(cache_dir).map_err(|e| io_err(cache_dir, e))?;
+    let cache_dir = fs::canonicalize(cache_dir).map_err(|e| io_err(cache_dir, e))?;
+    let lock_path = cache_dir.join(".lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io_err(&lock_path, e))?;
+    lock.lock().map_err(|e| io_err(&lock_path, e))?;
+
+    let set = match apt::resolve() {
+        Ok(s) => s,
+        Err(e) => {
+            // Offline and apt lists gone: a previously built template still serves.
+            return match latest_complete(&cache_dir) {
+                Some(t) => Ok((t, CacheStatus::Cached)),
+                None => Err(e),
+            };
+        }
+    };
+    let key = cache_key(&set.versions);
+    let dest = cache_dir.join(&key);
+    if let Some((t, _)) = load_complete(&dest) {
+        return Ok((t, CacheStatus::Cached));
+    }
+
+    let started = Instant::now();
+    let tmp = cache_dir.join(format!(".build-{key}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let out = tmp.join("out");
+    let work = tmp.join("work");
+    fs::create_dir_all(&out).map_err(|e| io_err(&out, e))?;
+    fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
+    let result = (|| {
+        let built = build::build(&set, &work, &out)?;
+        let manifest = Manifest {
+            recipe: RECIPE_VERSION.to_string(),
+            cache_key: key.clone(),
+            kernel_package: set.kernel_pkg.clone(),
+            kernel_version: built.kernel_version,
+            packages: set.versions.clone(),
+            modules: built.modules,
+            libraries: built.libs,
+            cmdline: build::direct_cmdline(),
+            build_seconds: started.elapsed().as_secs_f64(),
+        };
+        let mj = serde_json::to_vec_pretty(&manifest).map_err(|e| TemplateError::Build(e.to_string()))?;
+        let mp = out.join(MANIFEST);
+        fs::write(&mp, mj).map_err(|e| io_err(&mp, e))?;
+        if dest.exists() {
+            // An incomplete leftover (e.g. a crash in an older version).
+            fs::remove_dir_all(&dest).map_err(|e| io_err(&dest, e))?;
+        }
+        fs::rename(&out, &dest).map_err(|e| io_err(&dest, e))
+    })();
+    let _ = fs::remove_dir_all(&tmp);
+    result?;
+    let (t, _) = load_complete(&dest).ok_or_else(|| TemplateError::Build("built entry is incomplete".into()))?;
+    Ok((t, CacheStatus::Built))
+}
+
+/// Reads the manifest of a template returned by [`ensure`].
+pub fn manifest(t: &Template) -> Result<Manifest, TemplateError> {
+    let dir = t.bios_disk.parent().unwrap_or(Path::new("."));
+    let p = dir.join(MANIFEST);
+    let b = fs::read(&p).map_err(|e| io_err(&p, e))?;
+    serde_json::from_slice(&b).map_err(|e| TemplateError::Build(format!("{}: {e}", p.display())))
 }

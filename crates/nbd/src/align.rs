@@ -28,7 +28,7 @@ fn up(x: u64, s: u64) -> u64 {
 pub(crate) fn read(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<()> {
     let s = sector_of(dev);
     let len = buf.len() as u64;
-    if offset % s == 0 && len % s == 0 {
+    if offset.is_multiple_of(s) && len.is_multiple_of(s) {
         return dev.read_at(offset, buf);
     }
     let start = down(offset, s);
@@ -77,7 +77,7 @@ pub(crate) fn write(
 ) -> Result<()> {
     let s = sector_of(dev);
     let len = data.len() as u64;
-    if offset % s == 0 && len % s == 0 {
+    if offset.is_multiple_of(s) && len.is_multiple_of(s) {
         return dev.write_at(offset, data);
     }
     let (head, mid, tail) = split(offset, len, s);

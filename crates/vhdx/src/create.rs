@@ -38,8 +38,14 @@ pub(crate) fn locator_kv(parent: &ParentSpec) -> Result<Vec<(String, String)>> {
         kv.push(("relative_path".to_string(), parent.relative_path.replace('/', "\\")));
     }
     if !parent.absolute_path.is_empty() {
-        // Stored as-is: our absolute paths are POSIX paths.
-        kv.push(("absolute_win32_path".to_string(), parent.absolute_path.clone()));
+        // A POSIX path is stored with '\\' separators: readers of this key (libvhdi,
+        // Windows tools) split on '\\'; we turn it back into the POSIX path on read.
+        let p = if parent.absolute_path.starts_with('/') {
+            parent.absolute_path.replace('/', "\\")
+        } else {
+            parent.absolute_path.clone()
+        };
+        kv.push(("absolute_win32_path".to_string(), p));
     }
     Ok(kv)
 }

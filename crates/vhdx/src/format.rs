@@ -307,7 +307,7 @@ pub fn parse_guid_text(s: &str) -> Option<Uuid> {
     Uuid::parse_str(s.trim().trim_start_matches('{').trim_end_matches('}')).ok()
 }
 pub fn guid_text(g: &Uuid) -> String {
-    format!("{{{}}}", g.hyphenated().to_string().to_uppercase())
+    format!("{{{}}}", g.hyphenated())
 }
 
 /// One change recorded in a log entry.

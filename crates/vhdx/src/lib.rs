@@ -296,7 +296,8 @@ fn locator_from_kv(kv: &[(String, String)]) -> ParentLocator {
     let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     ParentLocator {
         relative_path: get("relative_path").map(|p| p.replace('\\', "/")),
-        absolute_path: get("absolute_win32_path"),
+        // "\\dir\\file" is how we store a POSIX path; "C:\\..." stays as stored.
+        absolute_path: get("absolute_win32_path").map(|p| if p.starts_with('\\') { p.replace('\\', "/") } else { p }),
         volume_path: get("volume_path"),
         expected: get("parent_linkage")
             .and_then(|g| parse_guid_text(&g))

@@ -732,9 +732,12 @@ fn apply_parent(h: &mut DynHeader, p: &ParentSpec) -> Result<Vec<Vec<u8>>> {
     };
     h.parent_id = p.parent_disk_id.unwrap_or(uid);
     h.parent_timestamp = ts;
-    let abs16: Vec<u16> = p.absolute_path.encode_utf16().collect();
-    h.parent_name = if abs16.len() <= 256 {
-        abs16
+    // Hyper-V finds parents through the locators; the name is informational. We
+    // store the relative path: libvhdi (vhdimount) joins this name to the child's
+    // directory, so a relative name resolves there as well.
+    let rel16: Vec<u16> = p.relative_path.encode_utf16().collect();
+    h.parent_name = if rel16.len() <= 256 {
+        rel16
     } else {
         let name = Path::new(&p.absolute_path)
             .file_name()

@@ -1,1 +1,286 @@
-fn main() {}
+//! fv-worker: one process per running VM. Owns the VM's QEMU, disk back-ends and
+//! state machine, and serves the worker protocol on `<runtime>/worker.sock`.
+//!
+//! Usage: `fv-worker --launch SPEC.json [--no-setsid]`
+
+mod disks;
+mod qemu_cmd;
+mod vm;
+
+use anyhow::{bail, Context, Result};
+use fv_worker_proto::{
+    encode, ErrorCode, EventMessage, LaunchSpec, Message, Op, Request, Response, PID_NAME, PROTOCOL_VERSION,
+    SOCKET_NAME,
+};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use vm::{werr, Vm};
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 1 << 20;
+
+struct Args {
+    launch: PathBuf,
+    setsid: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut launch = None;
+    let mut setsid = true;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--launch" => launch = it.next().map(PathBuf::from),
+            "--no-setsid" => setsid = false,
+            "-h" | "--help" => {
+                println!("usage: fv-worker --launch SPEC.json [--no-setsid]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other} (usage: fv-worker --launch SPEC.json)"),
+        }
+    }
+    Ok(Args { launch: launch.context("--launch SPEC.json is required")?, setsid })
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("fv-worker: {e:#}");
+        tracing::error!("fatal: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = parse_args()?;
+    let spec: LaunchSpec = serde_json::from_slice(
+        &std::fs::read(&args.launch).with_context(|| format!("read {}", args.launch.display()))?,
+    )
+    .context("parse launch spec")?;
+    if args.setsid {
+        // Our own session: signals to fvd's process group or session (including
+        // SIGKILL of the group and SIGHUP) must not take the VM down.
+        // SAFETY: setsid(2) has no memory-safety preconditions.
+        if unsafe { libc::setsid() } < 0 {
+            let e = std::io::Error::last_os_error();
+            // EPERM: we already lead a process group (spawned with process_group(0)),
+            // which is equally detached from fvd's group.
+            if e.raw_os_error() != Some(libc::EPERM) {
+                bail!("setsid: {e}");
+            }
+        }
+    }
+    std::fs::create_dir_all(&spec.runtime_dir)
+        .with_context(|| format!("create {}", spec.runtime_dir.display()))?;
+    init_logging(&spec)?;
+    tracing::info!("fv-worker {} starting for VM {} ({})", env!("CARGO_PKG_VERSION"), spec.config.name, spec.config.id);
+    std::fs::write(spec.runtime_dir.join(PID_NAME), format!("{}\n", std::process::id()))?;
+
+    // One thread for all control-plane work keeps the worker small; disk I/O runs
+    // on the vhost-user threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = rt.block_on(run(spec.clone()));
+    let _ = std::fs::remove_file(spec.runtime_dir.join(SOCKET_NAME));
+    let _ = std::fs::remove_file(spec.runtime_dir.join(PID_NAME));
+    tracing::info!("fv-worker exiting");
+    drop(rt);
+    result
+}
+
+fn init_logging(spec: &LaunchSpec) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.runtime_dir.join("worker.log"))
+        .context("open worker.log")?;
+    let level = match std::env::var("FV_WORKER_LOG").as_deref() {
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .with_max_level(level)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    Ok(())
+}
+
+async fn run(spec: LaunchSpec) -> Result<()> {
+    let sock = spec.runtime_dir.join(SOCKET_NAME);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    let vm = Vm::new(spec);
+    let mut exit_rx = vm.exit.subscribe();
+
+    let acceptor = {
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(serve_conn(vm.clone(), s));
+                    }
+                    Err(e) => {
+                        tracing::error!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    };
+    {
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return;
+            };
+            if term.recv().await.is_some() {
+                tracing::info!("SIGTERM: turning the VM off");
+                if vm.turn_off().await.is_err() {
+                    vm.request_exit(Duration::ZERO);
+                }
+            }
+        });
+    }
+
+    let starter = vm.clone();
+    tokio::spawn(async move { starter.start().await });
+
+    // Wait for a final state, then linger as asked so clients can read it.
+    let linger = loop {
+        if let Some(d) = *exit_rx.borrow_and_update() {
+            break d;
+        }
+        if exit_rx.changed().await.is_err() {
+            break Duration::ZERO;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + linger;
+    loop {
+        let cur = exit_rx.borrow_and_update().unwrap_or(linger);
+        let until = deadline.min(tokio::time::Instant::now() + cur);
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => break,
+            r = exit_rx.changed() => if r.is_err() { break },
+        }
+    }
+    acceptor.abort();
+    Ok(())
+}
+
+async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
+    let (rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut rd = BufReader::new(rd);
+    let mut buf = Vec::new();
+    let mut forwarder: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        buf.clear();
+        match (&mut rd).take(MAX_LINE).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_slice::<Message>(line) {
+            Ok(Message::Request(r)) => r,
+            Ok(_) => continue,
+            Err(e) => {
+                let id = serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("id")?.as_u64()).unwrap_or(0);
+                let resp = Response { id, ok: None, error: Some(werr(ErrorCode::BadRequest, e.to_string())) };
+                if let Ok(s) = encode(&resp) {
+                    let _ = tx.send(s).await;
+                }
+                continue;
+            }
+        };
+        if let Op::Subscribe = req.op {
+            if forwarder.is_none() {
+                let mut events = vm.events.subscribe();
+                let tx2 = tx.clone();
+                forwarder = Some(tokio::spawn(async move {
+                    loop {
+                        let ev = match events.recv().await {
+                            Ok(e) => e,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                fv_worker_proto::Event::Warning { message: format!("{n} events were dropped") }
+                            }
+                            Err(_) => return,
+                        };
+                        let Ok(s) = encode(&EventMessage { event: ev }) else { continue };
+                        if tx2.send(s).await.is_err() {
+                            return;
+                        }
+                    }
+                }));
+            }
+            let resp = Response { id: req.id, ok: Some(Value::Null), error: None };
+            if let Ok(s) = encode(&resp) {
+                let _ = tx.send(s).await;
+            }
+            continue;
+        }
+        let vm = vm.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let id = req.id;
+            let r = handle(&vm, req.op).await;
+            let resp = match r {
+                Ok(v) => Response { id, ok: Some(v), error: None },
+                Err(e) => Response { id, ok: None, error: Some(e) },
+            };
+            if let Ok(s) = encode(&resp) {
+                let _ = tx.send(s).await;
+            }
+        });
+    }
+    if let Some(f) = forwarder {
+        f.abort();
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerError> {
+    match op {
+        Op::Hello { version } => {
+            if version != PROTOCOL_VERSION {
+                return Err(werr(
+                    ErrorCode::BadRequest,
+                    format!("protocol version {version} not supported (worker speaks {PROTOCOL_VERSION})"),
+                ));
+            }
+            Ok(json!({ "version": PROTOCOL_VERSION, "vm_id": vm.spec.config.id.to_string(), "worker_pid": std::process::id() }))
+        }
+        Op::Status => {
+            let s = vm.status();
+            vm.critical_acknowledged();
+            serde_json::to_value(s).map_err(|e| werr(ErrorCode::Internal, e.to_string()))
+        }
+        Op::Subscribe => Ok(Value::Null),
+        Op::Pause => vm.pause().await,
+        Op::Resume => vm.resume().await,
+        Op::Reset => vm.reset().await,
+        Op::TurnOff => vm.turn_off().await,
+        Op::ShutDown { timeout_s } => vm.shut_down(timeout_s).await,
+        Op::Save { dir } => vm.save(&dir).await,
+        Op::ChangeMedia { dvd_index, path } => vm.change_media(dvd_index, path.as_deref()).await,
+        Op::GuestPing => vm.guest_ping().await,
+        Op::Stats => Ok(vm.stats()),
+    }
+}

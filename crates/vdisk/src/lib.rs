@@ -42,6 +42,7 @@ impl Default for OpenOptions {
 pub enum LayerFile {
     Raw(RawLayer),
     Vhd(fv_vhd::VhdFile),
+    Vhdx(fv_vhdx::VhdxFile),
 }
 
 impl LayerFile {
@@ -49,6 +50,7 @@ impl LayerFile {
         match self {
             LayerFile::Raw(l) => l,
             LayerFile::Vhd(l) => l,
+            LayerFile::Vhdx(l) => l,
         }
     }
 
@@ -57,6 +59,7 @@ impl LayerFile {
         match self {
             LayerFile::Raw(_) => None,
             LayerFile::Vhd(l) => Some(l),
+            LayerFile::Vhdx(l) => Some(l),
         }
     }
 
@@ -65,6 +68,9 @@ impl LayerFile {
         match self {
             LayerFile::Raw(_) => LayerIdentity::None,
             LayerFile::Vhd(v) => v.identity(),
+            LayerFile::Vhdx(v) => LayerIdentity::Vhdx {
+                data_write_guid: v.data_write_guid(),
+            },
         }
     }
 
@@ -73,6 +79,7 @@ impl LayerFile {
         match self {
             LayerFile::Raw(l) => l.info().virtual_size,
             LayerFile::Vhd(v) => v.size(),
+            LayerFile::Vhdx(v) => v.info().virtual_size,
         }
     }
 }
@@ -86,7 +93,7 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
         .len();
     let mut first = [0u8; 512];
     let n = read_up_to(&mut f, &mut first).map_err(|e| DiskError::io("read", path, e))?;
-    if n >= 8 && &first[..8] == b"vhdxfile" {
+    if fv_vhdx::probe(&first[..n]) {
         return Ok(DiskFormat::Vhdx);
     }
     let mut last = [0u8; 512];
@@ -125,10 +132,13 @@ pub fn open_layer(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) -
     match format {
         DiskFormat::Raw => Ok(LayerFile::Raw(RawLayer::open(path, opts.read_only)?)),
         DiskFormat::Vhd => Ok(LayerFile::Vhd(fv_vhd::VhdFile::open(path, opts.read_only)?)),
-        DiskFormat::Vhdx => Err(DiskError::Unsupported {
-            path: path.to_path_buf(),
-            what: "VHDX support is not wired in yet".into(),
-        }),
+        DiskFormat::Vhdx => Ok(LayerFile::Vhdx(fv_vhdx::VhdxFile::open(
+            path,
+            &fv_vhdx::OpenOptions {
+                read_only: opts.read_only,
+                replay_log: opts.replay_log,
+            },
+        )?)),
     }
 }
 

@@ -16,9 +16,12 @@ use uuid::Uuid;
 
 const COPY_CHUNK: usize = 1 << 20;
 
+/// Read-only opens for operations: a dirty VHDX log is replayed in memory only
+/// (the file is not written), so inspect/convert work on a crashed image.
 fn ro() -> OpenOptions {
     OpenOptions {
         read_only: true,
+        replay_log: true,
         ..Default::default()
     }
 }
@@ -82,10 +85,7 @@ pub fn create(path: &Path, format: DiskFormat, spec: &CreateSpec) -> Result<()> 
             RawLayer::create(path, spec.virtual_size).map(drop)
         }
         DiskFormat::Vhd => fv_vhd::VhdFile::create(path, spec).map(drop),
-        DiskFormat::Vhdx => Err(DiskError::Unsupported {
-            path: path.to_path_buf(),
-            what: "VHDX support is not wired in yet".into(),
-        }),
+        DiskFormat::Vhdx => fv_vhdx::VhdxFile::create(path, spec).map(drop),
     }
 }
 
@@ -406,12 +406,17 @@ fn copy_disk(disk: &dyn BlockDevice, dst: &Path, to: DiskFormat, kind: DiskKind,
                 parent: None,
             },
         )?),
-        DiskFormat::Vhdx => {
-            return Err(DiskError::Unsupported {
-                path: dst.to_path_buf(),
-                what: "VHDX support is not wired in yet".into(),
-            })
-        }
+        DiskFormat::Vhdx => LayerFile::Vhdx(fv_vhdx::VhdxFile::create(
+            &partial,
+            &CreateSpec {
+                virtual_size: size,
+                kind,
+                block_size: 0,
+                logical_sector_size: disk.logical_sector_size(),
+                physical_sector_size: disk.physical_sector_size().max(512),
+                parent: None,
+            },
+        )?),
     };
     copy_extents(disk, out.layer(), size, progress)?;
     out.layer().flush()?;

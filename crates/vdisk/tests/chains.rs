@@ -22,25 +22,30 @@ fn dynamic(size: u64) -> CreateSpec {
 
 /// base + `depth` children, each written through the chain. Returns (paths, reference).
 fn build_chain(dir: &Path, depth: usize, seed: u64) -> (Vec<PathBuf>, Vec<u8>) {
-    build_chain_unit(dir, depth, seed, 4096)
+    build_chain_fmt(dir, depth, seed, 4096, DiskFormat::Vhd)
+}
+
+fn build_chain_unit(dir: &Path, depth: usize, seed: u64, unit: u64) -> (Vec<PathBuf>, Vec<u8>) {
+    build_chain_fmt(dir, depth, seed, unit, DiskFormat::Vhd)
 }
 
 /// `unit` is the write granularity. vhdimount 20210425 (libvhdi) misreads a sector
 /// bitmap byte whose set bits are followed by clear bits (it shifts without masking),
 /// so chains compared against it are written in 4 KiB units (whole bitmap bytes);
 /// 512-byte granularity is compared against the independent reference only.
-fn build_chain_unit(dir: &Path, depth: usize, seed: u64, unit: u64) -> (Vec<PathBuf>, Vec<u8>) {
+fn build_chain_fmt(dir: &Path, depth: usize, seed: u64, unit: u64, fmt: DiskFormat) -> (Vec<PathBuf>, Vec<u8>) {
+    let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut reference = vec![0u8; SIZE as usize];
-    let base = dir.join("base.vhd");
-    ops::create(&base, DiskFormat::Vhd, &dynamic(SIZE)).unwrap();
+    let base = dir.join(format!("base.{ext}"));
+    ops::create(&base, fmt, &dynamic(SIZE)).unwrap();
     {
         let d = fv_vdisk::open(&base, &rw()).unwrap();
         scribble(&mut rng, &d, &mut reference, 30, unit);
     }
     let mut paths = vec![base];
     for level in 1..=depth {
-        let child = dir.join(format!("child{level}.vhd"));
+        let child = dir.join(format!("child{level}.{ext}"));
         ops::create_differencing(&child, paths.last().unwrap(), 0).unwrap();
         let d = fv_vdisk::open(&child, &rw()).unwrap();
         assert_eq!(d.layers().len(), level + 1);
@@ -62,9 +67,18 @@ fn build_chain_unit(dir: &Path, depth: usize, seed: u64, unit: u64) -> (Vec<Path
 
 #[test]
 fn chains_depth_1_to_4_match_vhdimount_and_reference() {
+    check_chains(DiskFormat::Vhd);
+}
+
+#[test]
+fn vhdx_chains_depth_1_to_4_match_vhdimount_and_reference() {
+    check_chains(DiskFormat::Vhdx);
+}
+
+fn check_chains(fmt: DiskFormat) {
     for depth in 1..=4 {
         let dir = tempfile::tempdir().unwrap();
-        let (paths, reference) = build_chain(dir.path(), depth, depth as u64);
+        let (paths, reference) = build_chain_fmt(dir.path(), depth, depth as u64, 4096, fmt);
         let top = paths.last().unwrap();
         let d = fv_vdisk::open(top, &ro()).unwrap();
         assert_eq!(read_all(&d), reference, "engine, depth {depth}");
@@ -130,6 +144,15 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
     let (p2, _) = build_chain(d2.path(), 1, 5);
     std::fs::rename(&p2[0], base).unwrap();
     assert!(matches!(fv_vdisk::open(child, &ro()), Err(DiskError::BrokenChain { .. })));
+
+    // Mixed formats: a VHD child whose parent file is now a VHDX of the same size.
+    let d3 = tempfile::tempdir().unwrap();
+    let (px, _) = build_chain_fmt(d3.path(), 0, 5, 4096, DiskFormat::Vhdx);
+    std::fs::copy(&px[0], base).unwrap();
+    match fv_vdisk::open(child, &ro()) {
+        Err(DiskError::BrokenChain { reason, .. }) => assert!(reason.contains("mixed"), "{reason}"),
+        other => panic!("expected BrokenChain, got {:?}", other.err()),
+    }
 
     // Parent missing.
     std::fs::remove_file(base).unwrap();

@@ -35,7 +35,10 @@ pub(crate) fn locator_kv(parent: &ParentSpec) -> Result<Vec<(String, String)>> {
     };
     let mut kv = vec![("parent_linkage".to_string(), guid_text(data_write_guid))];
     if !parent.relative_path.is_empty() {
-        kv.push(("relative_path".to_string(), parent.relative_path.replace('/', "\\")));
+        kv.push((
+            "relative_path".to_string(),
+            parent.relative_path.replace('/', "\\"),
+        ));
     }
     if !parent.absolute_path.is_empty() {
         // A POSIX path is stored with '\\' separators: readers of this key (libvhdi,
@@ -61,9 +64,17 @@ pub(crate) fn metadata_region(
     fp.extend_from_slice(&flags.to_le_bytes());
     let mut items: Vec<(Uuid, bool, Vec<u8>)> = vec![
         (FILE_PARAMETERS, false, fp),
-        (VIRTUAL_DISK_SIZE, true, geo.virtual_size.to_le_bytes().to_vec()),
+        (
+            VIRTUAL_DISK_SIZE,
+            true,
+            geo.virtual_size.to_le_bytes().to_vec(),
+        ),
         (PAGE83_DATA, true, disk_id.to_bytes_le().to_vec()),
-        (LOGICAL_SECTOR_SIZE, true, (geo.lss as u32).to_le_bytes().to_vec()),
+        (
+            LOGICAL_SECTOR_SIZE,
+            true,
+            (geo.lss as u32).to_le_bytes().to_vec(),
+        ),
         (PHYSICAL_SECTOR_SIZE, true, geo.pss.to_le_bytes().to_vec()),
     ];
     if let Some(l) = locator {
@@ -91,7 +102,10 @@ pub(crate) fn metadata_region(
 fn creator_bytes() -> Vec<u8> {
     let mut b = vec![0u8; 64 * 1024];
     b[..8].copy_from_slice(FILE_SIGNATURE);
-    let name: Vec<u8> = "Ferrovisor fv-vhdx".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let name: Vec<u8> = "Ferrovisor fv-vhdx"
+        .encode_utf16()
+        .flat_map(|u| u.to_le_bytes())
+        .collect();
     b[8..8 + name.len()].copy_from_slice(&name);
     b
 }
@@ -136,17 +150,25 @@ pub(crate) fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
         b => b as u64,
     };
     if !(MIB..=256 * MIB).contains(&block_size) || !block_size.is_power_of_two() {
-        return Err(bad(format!("block size {block_size} must be a power of two from 1 MiB to 256 MiB")));
+        return Err(bad(format!(
+            "block size {block_size} must be a power of two from 1 MiB to 256 MiB"
+        )));
     }
     let fixed = spec.kind == DiskKind::Fixed;
     let geo = Geo::new(block_size, lss, pss, virtual_size, diff, fixed);
-    let locator = parent.map(locator_kv).transpose()?.map(|kv| parent_locator_bytes(&kv));
+    let locator = parent
+        .map(locator_kv)
+        .transpose()?
+        .map(|kv| parent_locator_bytes(&kv));
 
     let entries = geo.required_entries();
     let bat_length = (entries * 8).div_ceil(MIB).max(1) * MIB;
     let data_start = BAT_OFFSET + bat_length;
 
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| bad(format!("{} has no file name", path.display())))?
@@ -167,12 +189,25 @@ pub(crate) fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
         .open(&tmp)
         .map_err(|e| DiskError::io("create", &tmp, e))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    let w = |f: &File, off: u64, b: &[u8]| f.write_all_at(b, off).map_err(|e| DiskError::io("write", &tmp, e));
+    let w = |f: &File, off: u64, b: &[u8]| {
+        f.write_all_at(b, off)
+            .map_err(|e| DiskError::io("write", &tmp, e))
+    };
 
     w(&file, 0, &creator_bytes())?;
     let regions = vec![
-        RegionEntry { guid: BAT_GUID, file_offset: BAT_OFFSET, length: bat_length as u32, required: true },
-        RegionEntry { guid: METADATA_GUID, file_offset: META_OFFSET, length: META_LENGTH as u32, required: true },
+        RegionEntry {
+            guid: BAT_GUID,
+            file_offset: BAT_OFFSET,
+            length: bat_length as u32,
+            required: true,
+        },
+        RegionEntry {
+            guid: METADATA_GUID,
+            file_offset: META_OFFSET,
+            length: META_LENGTH as u32,
+            required: true,
+        },
     ];
     let rt = region_table_bytes(&regions);
     for off in REGION_OFFSETS {
@@ -195,8 +230,10 @@ pub(crate) fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
         w(&file, BAT_OFFSET, &bat)?;
         end = data_start + geo.data_blocks() * block_size;
     }
-    file.set_len(end).map_err(|e| DiskError::io("truncate", &tmp, e))?;
-    file.sync_all().map_err(|e| DiskError::io("fsync", &tmp, e))?;
+    file.set_len(end)
+        .map_err(|e| DiskError::io("truncate", &tmp, e))?;
+    file.sync_all()
+        .map_err(|e| DiskError::io("fsync", &tmp, e))?;
     // Headers last: until they are written the file is not a valid image.
     let (fw, dw) = (Uuid::new_v4(), Uuid::new_v4());
     for (i, off) in HEADER_OFFSETS.iter().enumerate() {
@@ -212,7 +249,8 @@ pub(crate) fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
         };
         w(&file, *off, &h.to_bytes())?;
     }
-    file.sync_all().map_err(|e| DiskError::io("fsync", &tmp, e))?;
+    file.sync_all()
+        .map_err(|e| DiskError::io("fsync", &tmp, e))?;
     drop(file);
     // Link fails if the name appeared meanwhile: never clobber an existing file.
     std::fs::hard_link(&tmp, path).map_err(|e| DiskError::io("create", path, e))?;

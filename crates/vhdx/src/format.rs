@@ -244,7 +244,8 @@ pub fn metadata_table_bytes(entries: &[MetaEntry]) -> Vec<u8> {
         put_guid(&mut b, o, &e.item_id);
         put(&mut b, o + 16, &e.offset.to_le_bytes());
         put(&mut b, o + 20, &e.length.to_le_bytes());
-        let flags = (e.is_user as u32) | ((e.is_virtual_disk as u32) << 1) | ((e.is_required as u32) << 2);
+        let flags =
+            (e.is_user as u32) | ((e.is_virtual_disk as u32) << 1) | ((e.is_required as u32) << 2);
         put(&mut b, o + 24, &flags.to_le_bytes());
     }
     b
@@ -262,7 +263,9 @@ pub fn parse_parent_locator(b: &[u8]) -> Result<(Uuid, Vec<(String, String)>), S
     let ty = guid_at(b, 0);
     let count = u16_at(b, 18) as usize;
     if 20 + count * 12 > b.len() {
-        return Err(format!("parent locator KeyValueCount {count} overflows the item"));
+        return Err(format!(
+            "parent locator KeyValueCount {count} overflows the item"
+        ));
     }
     let text = |off: u32, len: u16| -> Result<String, String> {
         let (off, len) = (off as usize, len as usize);
@@ -270,7 +273,10 @@ pub fn parse_parent_locator(b: &[u8]) -> Result<(Uuid, Vec<(String, String)>), S
             .get(off..off + len)
             .filter(|_| len % 2 == 0)
             .ok_or_else(|| format!("parent locator string at {off}+{len} out of bounds"))?;
-        let units: Vec<u16> = s.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let units: Vec<u16> = s
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         String::from_utf16(&units).map_err(|_| "parent locator string is not UTF-16".to_string())
     };
     let mut kv = Vec::with_capacity(count);
@@ -314,8 +320,14 @@ pub fn guid_text(g: &Uuid) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogOp {
     /// 4 KiB of data for `offset`.
-    Data { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, length: u64 },
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -358,7 +370,7 @@ pub fn build_log_entry(
     for (i, (off, page)) in pages.iter().enumerate() {
         let d = 64 + 32 * i;
         put(&mut b, d, b"desc");
-        put(&mut b, d + 4, &page.get(4092..4096).unwrap_or(&[0; 4]).to_vec());
+        put(&mut b, d + 4, page.get(4092..4096).unwrap_or(&[0; 4]));
         put(&mut b, d + 8, page.get(0..8).unwrap_or(&[0; 8]));
         put(&mut b, d + 16, &off.to_le_bytes());
         put(&mut b, d + 24, &sequence.to_le_bytes());
@@ -375,7 +387,7 @@ pub fn build_log_entry(
 /// Validate the entry starting at `pos` in the circular `log`.
 pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry> {
     let len = log.len() as u64;
-    if len == 0 || pos % LOG_SECTOR as u64 != 0 || pos >= len {
+    if len == 0 || !pos.is_multiple_of(LOG_SECTOR as u64) || pos >= len {
         return None;
     }
     let p = pos as usize;
@@ -386,7 +398,11 @@ pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry
     let entry_len = u32_at(head, 8) as u64;
     let sequence = u64_at(head, 16);
     let count = u32_at(head, 24) as usize;
-    if entry_len == 0 || entry_len % LOG_SECTOR as u64 != 0 || entry_len > len || sequence == 0 {
+    if entry_len == 0
+        || !entry_len.is_multiple_of(LOG_SECTOR as u64)
+        || entry_len > len
+        || sequence == 0
+    {
         return None;
     }
     let ds = descriptor_sectors(count);
@@ -407,15 +423,18 @@ pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry
         let d = 64 + 32 * i;
         let sig = e.get(d..d + 4)?;
         let file_offset = u64_at(&e, d + 16);
-        if u64_at(&e, d + 24) != sequence || file_offset % LOG_SECTOR as u64 != 0 {
+        if u64_at(&e, d + 24) != sequence || !file_offset.is_multiple_of(LOG_SECTOR as u64) {
             return None;
         }
         if sig == b"zero" {
             let length = u64_at(&e, d + 8);
-            if length % LOG_SECTOR as u64 != 0 {
+            if !length.is_multiple_of(LOG_SECTOR as u64) {
                 return None;
             }
-            ops.push(LogOp::Zero { offset: file_offset, length });
+            ops.push(LogOp::Zero {
+                offset: file_offset,
+                length,
+            });
         } else if sig == b"desc" {
             let s = data_idx * LOG_SECTOR;
             let sector = e.get(s..s + LOG_SECTOR)?;
@@ -427,7 +446,10 @@ pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry
             data.extend_from_slice(e.get(d + 8..d + 16)?);
             data.extend_from_slice(&sector[8..4092]);
             data.extend_from_slice(e.get(d + 4..d + 8)?);
-            ops.push(LogOp::Data { offset: file_offset, data });
+            ops.push(LogOp::Data {
+                offset: file_offset,
+                data,
+            });
             data_idx += 1;
         } else {
             return None;
@@ -460,7 +482,11 @@ pub fn find_active_sequence(log: &[u8], log_guid: &Uuid) -> Vec<LogEntry> {
             by_pos.insert(e.position, e);
         }
     }
-    let Some(head_pos) = by_pos.values().max_by_key(|e| e.sequence).map(|e| e.position) else {
+    let Some(head_pos) = by_pos
+        .values()
+        .max_by_key(|e| e.sequence)
+        .map(|e| e.position)
+    else {
         return Vec::new();
     };
     // Walk backwards through predecessors (entry ending where the next begins,
@@ -472,20 +498,24 @@ pub fn find_active_sequence(log: &[u8], log_guid: &Uuid) -> Vec<LogEntry> {
     let mut chain = vec![head_pos];
     let mut total = by_pos.get(&head_pos).map(|e| e.length).unwrap_or(0);
     let tail = by_pos.get(&head_pos).map(|e| e.tail).unwrap_or(0);
-    loop {
-        let Some(cur) = chain.last().and_then(|p| by_pos.get(p)) else { break };
+    while let Some(cur) = chain.last().and_then(|p| by_pos.get(p)) {
         if cur.position == tail {
             break;
         }
-        let Some(prev) = ends.get(&cur.position).and_then(|p| by_pos.get(p)) else { break };
-        if prev.sequence + 1 != cur.sequence || total + prev.length > len {
+        let Some(prev) = ends.get(&cur.position).and_then(|p| by_pos.get(p)) else {
+            break;
+        };
+        if prev.sequence.checked_add(1) != Some(cur.sequence) || total + prev.length > len {
             break;
         }
         total += prev.length;
         chain.push(prev.position);
     }
     chain.reverse();
-    chain.into_iter().filter_map(|p| by_pos.remove(&p)).collect()
+    chain
+        .into_iter()
+        .filter_map(|p| by_pos.remove(&p))
+        .collect()
 }
 
 #[cfg(test)]
@@ -523,7 +553,13 @@ mod tests {
         log[..LOG_SECTOR].copy_from_slice(&e[LOG_SECTOR..]);
         let p = parse_log_entry(&log, 3 * LOG_SECTOR as u64, &guid).unwrap();
         assert_eq!(p.sequence, 5);
-        assert_eq!(p.ops, vec![LogOp::Data { offset: 3 * MIB, data: page.clone() }]);
+        assert_eq!(
+            p.ops,
+            vec![LogOp::Data {
+                offset: 3 * MIB,
+                data: page.clone()
+            }]
+        );
         let seq = find_active_sequence(&log, &guid);
         assert_eq!(seq.len(), 1);
         assert!(find_active_sequence(&log, &Uuid::new_v4()).is_empty());

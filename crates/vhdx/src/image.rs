@@ -33,7 +33,10 @@ impl VhdxFile {
         let abs = st.meta_offset + e.offset as u64;
         let page = abs / 4096 * 4096;
         if abs + value.len() as u64 > page + 4096 {
-            return Err(DiskError::Unsupported { path: self.io.path.clone(), what: "metadata item straddles a page".into() });
+            return Err(DiskError::Unsupported {
+                path: self.io.path.clone(),
+                what: "metadata item straddles a page".into(),
+            });
         }
         let mut b = vec![0u8; 4096];
         self.io.read(page, &mut b)?;
@@ -46,22 +49,38 @@ impl VhdxFile {
         let mut v = vec![
             (0, MIB, "header area".to_string()),
             (st.log_offset, st.log_offset + st.log_length, "log".into()),
-            (st.meta_offset, st.meta_offset + st.meta_length, "metadata region".into()),
-            (st.bat_offset, st.bat_offset + st.bat_length, "BAT region".into()),
+            (
+                st.meta_offset,
+                st.meta_offset + st.meta_length,
+                "metadata region".into(),
+            ),
+            (
+                st.bat_offset,
+                st.bat_offset + st.bat_length,
+                "BAT region".into(),
+            ),
         ];
         let g = &st.geo;
         for blk in 0..g.data_blocks() {
             let e = st.block_entry(blk);
             let s = bat_state(e);
             if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
-                v.push((entry_offset(e), entry_offset(e) + g.block_size, format!("block {blk}")));
+                v.push((
+                    entry_offset(e),
+                    entry_offset(e) + g.block_size,
+                    format!("block {blk}"),
+                ));
             }
         }
         if g.has_parent {
             for c in 0..g.data_blocks().div_ceil(g.chunk_ratio) {
                 let e = st.entry(g.sb_index(c));
                 if bat_state(e) == SB_PRESENT {
-                    v.push((entry_offset(e), entry_offset(e) + MIB, format!("sector bitmap {c}")));
+                    v.push((
+                        entry_offset(e),
+                        entry_offset(e) + MIB,
+                        format!("sector bitmap {c}"),
+                    ));
                 }
             }
         }
@@ -95,7 +114,10 @@ impl Image for VhdxFile {
         self.writable()?;
         let mut st = self.state.write();
         if !st.geo.has_parent {
-            return Err(DiskError::Refused { path: self.io.path.clone(), reason: "not a differencing disk".into() });
+            return Err(DiskError::Refused {
+                path: self.io.path.clone(),
+                reason: "not a differencing disk".into(),
+            });
         }
         if parent.virtual_size != st.geo.virtual_size {
             return Err(DiskError::InvalidArgument(format!(
@@ -114,16 +136,26 @@ impl Image for VhdxFile {
         let idx = entries
             .iter()
             .position(|e| e.item_id == PARENT_LOCATOR)
-            .ok_or_else(|| self.io.corrupt("differencing disk without a parent locator item"))?;
+            .ok_or_else(|| {
+                self.io
+                    .corrupt("differencing disk without a parent locator item")
+            })?;
         let cur = &entries[idx];
         let offset = if item.len() <= cur.length as usize {
             cur.offset as u64
         } else {
-            let end = entries.iter().map(|e| e.offset as u64 + e.length as u64).max().unwrap_or(0);
+            let end = entries
+                .iter()
+                .map(|e| e.offset as u64 + e.length as u64)
+                .max()
+                .unwrap_or(0);
             round_up(end, 8)
         };
         if offset as usize + item.len() > region_len {
-            return Err(DiskError::Unsupported { path: self.io.path.clone(), what: "parent locator does not fit in the metadata region".into() });
+            return Err(DiskError::Unsupported {
+                path: self.io.path.clone(),
+                what: "parent locator does not fit in the metadata region".into(),
+            });
         }
         new[offset as usize..offset as usize + item.len()].copy_from_slice(&item);
         entries[idx].offset = offset as u32;
@@ -143,8 +175,10 @@ impl Image for VhdxFile {
         self.writable()?;
         let old_size = self.state.read().geo.virtual_size;
         let lss = self.state.read().geo.lss;
-        if new_size == 0 || new_size % lss != 0 || new_size > MAX_VIRTUAL_SIZE {
-            return Err(DiskError::InvalidArgument(format!("size {new_size} must be a non-zero multiple of {lss} up to 64 TiB")));
+        if new_size == 0 || !new_size.is_multiple_of(lss) || new_size > MAX_VIRTUAL_SIZE {
+            return Err(DiskError::InvalidArgument(format!(
+                "size {new_size} must be a non-zero multiple of {lss} up to 64 TiB"
+            )));
         }
         if new_size == old_size {
             return Ok(());
@@ -166,7 +200,7 @@ impl Image for VhdxFile {
         let bs = g.block_size;
         let old_blocks = g.data_blocks();
         // Bytes past the old end inside its last block become visible: zero them.
-        if new_size > old_size && old_size % bs != 0 {
+        if new_size > old_size && !old_size.is_multiple_of(bs) {
             let e = st.block_entry(old_size / bs);
             if bat_state(e) == PAYLOAD_FULLY_PRESENT || bat_state(e) == PAYLOAD_PARTIALLY_PRESENT {
                 let from = old_size % bs;
@@ -264,7 +298,10 @@ impl Image for VhdxFile {
         let mut moved = 0u64;
         loop {
             let used = self.used_ranges(&st);
-            let Some((last_start, last_end, what)) = used.iter().max_by_key(|u| u.0).cloned() else { break };
+            let Some((last_start, last_end, what)) = used.iter().max_by_key(|u| u.0).cloned()
+            else {
+                break;
+            };
             if !(what.starts_with("block") || what.starts_with("sector bitmap")) {
                 break;
             }
@@ -295,7 +332,9 @@ impl Image for VhdxFile {
             let idx = st.bat.iter().position(|e| {
                 let s = bat_state(*e);
                 entry_offset(*e) == last_start
-                    && (s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT || s == SB_PRESENT)
+                    && (s == PAYLOAD_FULLY_PRESENT
+                        || s == PAYLOAD_PARTIALLY_PRESENT
+                        || s == SB_PRESENT)
             });
             if let Some(i) = idx {
                 let e = st.entry(i);
@@ -309,7 +348,14 @@ impl Image for VhdxFile {
             self.commit(&mut st, Vec::new())?;
         }
         self.commit(&mut st, Vec::new())?;
-        let end = round_up(self.used_ranges(&st).iter().map(|u| u.1).max().unwrap_or(MIB), MIB);
+        let end = round_up(
+            self.used_ranges(&st)
+                .iter()
+                .map(|u| u.1)
+                .max()
+                .unwrap_or(MIB),
+            MIB,
+        );
         if end < before {
             self.io.set_len(end)?;
             self.io.sync()?;
@@ -320,14 +366,18 @@ impl Image for VhdxFile {
     }
 
     fn check(&self, repair: bool) -> Result<CheckReport> {
-        let mut r = CheckReport { log_replayed: self.log_was_replayed(), ..Default::default() };
+        let mut r = CheckReport {
+            log_replayed: self.log_was_replayed(),
+            ..Default::default()
+        };
         let mut st = self.state.write();
         // Headers.
         for (i, off) in HEADER_OFFSETS.iter().enumerate() {
             let mut b = vec![0u8; HEADER_SIZE];
             self.io.read(*off, &mut b)?;
             if Header::parse(&b).is_none() {
-                r.warnings.push(format!("header {} has a bad signature or checksum", i + 1));
+                r.warnings
+                    .push(format!("header {} has a bad signature or checksum", i + 1));
                 if repair && !self.read_only() && i != st.hdr_slot {
                     self.write_header(&mut st)?;
                     self.io.sync()?;
@@ -344,7 +394,8 @@ impl Image for VhdxFile {
             match parse_region_table(&b) {
                 Ok(_) => good = good.or(Some(b)),
                 Err(e) => {
-                    r.warnings.push(format!("region table {} invalid: {e}", i + 1));
+                    r.warnings
+                        .push(format!("region table {} invalid: {e}", i + 1));
                     bad.push(*off);
                 }
             }
@@ -356,17 +407,29 @@ impl Image for VhdxFile {
         for blk in 0..g.data_blocks() {
             let e = st.block_entry(blk);
             let s = bat_state(e);
-            let valid = matches!(s, PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED | PAYLOAD_FULLY_PRESENT)
-                || (s == PAYLOAD_PARTIALLY_PRESENT && g.has_parent);
+            let valid = matches!(
+                s,
+                PAYLOAD_NOT_PRESENT
+                    | PAYLOAD_UNDEFINED
+                    | PAYLOAD_ZERO
+                    | PAYLOAD_UNMAPPED
+                    | PAYLOAD_FULLY_PRESENT
+            ) || (s == PAYLOAD_PARTIALLY_PRESENT && g.has_parent);
             if !valid {
-                r.errors.push(format!("block {blk}: state {s} is invalid for a {:?} disk", g.kind()));
+                r.errors.push(format!(
+                    "block {blk}: state {s} is invalid for a {:?} disk",
+                    g.kind()
+                ));
                 drop_blocks.push(blk);
                 continue;
             }
             if (s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT)
                 && (entry_offset(e) < MIB || entry_offset(e) + g.block_size > file_len)
             {
-                r.errors.push(format!("block {blk}: offset {} is outside the file", entry_offset(e)));
+                r.errors.push(format!(
+                    "block {blk}: offset {} is outside the file",
+                    entry_offset(e)
+                ));
                 drop_blocks.push(blk);
             }
         }
@@ -376,10 +439,16 @@ impl Image for VhdxFile {
                 SB_NOT_PRESENT => {}
                 SB_PRESENT if g.has_parent => {
                     if entry_offset(e) < MIB || entry_offset(e) + MIB > file_len {
-                        r.errors.push(format!("sector bitmap {c}: offset {} is outside the file", entry_offset(e)));
+                        r.errors.push(format!(
+                            "sector bitmap {c}: offset {} is outside the file",
+                            entry_offset(e)
+                        ));
                     }
                 }
-                s => r.errors.push(format!("sector bitmap {c}: state {s} is invalid for a {:?} disk", g.kind())),
+                s => r.errors.push(format!(
+                    "sector bitmap {c}: state {s} is invalid for a {:?} disk",
+                    g.kind()
+                )),
             }
         }
         let used = self.used_ranges(&st);
@@ -390,7 +459,10 @@ impl Image for VhdxFile {
         }
         let used_end = used.iter().map(|u| u.1).max().unwrap_or(0);
         if file_len > round_up(used_end, MIB) {
-            r.warnings.push(format!("{} bytes past the last block are unused", file_len - round_up(used_end, MIB)));
+            r.warnings.push(format!(
+                "{} bytes past the last block are unused",
+                file_len - round_up(used_end, MIB)
+            ));
         }
         if repair && !self.read_only() {
             let mut extra = Vec::new();
@@ -399,13 +471,19 @@ impl Image for VhdxFile {
                     for (i, c) in t.chunks(4096).enumerate() {
                         extra.push((off + i as u64 * 4096, c.to_vec()));
                     }
-                    r.repaired.push(format!("rewrote the region table copy at {off}"));
+                    r.repaired
+                        .push(format!("rewrote the region table copy at {off}"));
                 }
             }
             for blk in &drop_blocks {
-                let s = if g.has_parent { PAYLOAD_NOT_PRESENT } else { PAYLOAD_ZERO };
+                let s = if g.has_parent {
+                    PAYLOAD_NOT_PRESENT
+                } else {
+                    PAYLOAD_ZERO
+                };
                 st.set_block(*blk, bat_entry(s, 0));
-                r.repaired.push(format!("block {blk}: cleared an invalid BAT entry"));
+                r.repaired
+                    .push(format!("block {blk}: cleared an invalid BAT entry"));
             }
             if !extra.is_empty() || !drop_blocks.is_empty() {
                 self.before_modify(&mut st, !drop_blocks.is_empty())?;
@@ -418,7 +496,11 @@ impl Image for VhdxFile {
     fn allocation(&self) -> Result<AllocationStats> {
         let st = self.state.read();
         let g = &st.geo;
-        let mut a = AllocationStats { file_size: self.io.len()?, total_blocks: g.data_blocks(), ..Default::default() };
+        let mut a = AllocationStats {
+            file_size: self.io.len()?,
+            total_blocks: g.data_blocks(),
+            ..Default::default()
+        };
         let mut prev: Option<u64> = None;
         let mut out_of_order = 0u64;
         for blk in 0..g.data_blocks() {

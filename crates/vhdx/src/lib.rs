@@ -49,7 +49,10 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { read_only: false, replay_log: true }
+        OpenOptions {
+            read_only: false,
+            replay_log: true,
+        }
     }
 }
 
@@ -70,7 +73,10 @@ impl Io {
         if self.overlay.is_empty() {
             return self.file.read_exact_at(buf, off).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    self.corrupt(format!("read of {} bytes at {off} is beyond the end of the file", buf.len()))
+                    self.corrupt(format!(
+                        "read of {} bytes at {off} is beyond the end of the file",
+                        buf.len()
+                    ))
                 } else {
                     DiskError::io("read", &self.path, e)
                 }
@@ -126,19 +132,29 @@ impl Io {
     }
 
     pub(crate) fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
-        self.file.write_all_at(buf, off).map_err(|e| DiskError::io("write", &self.path, e))
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|e| DiskError::io("write", &self.path, e))
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| DiskError::io("fsync", &self.path, e))
+        self.file
+            .sync_data()
+            .map_err(|e| DiskError::io("fsync", &self.path, e))
     }
 
     pub(crate) fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(|e| DiskError::io("stat", &self.path, e))?.len())
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| DiskError::io("stat", &self.path, e))?
+            .len())
     }
 
     pub(crate) fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).map_err(|e| DiskError::io("truncate", &self.path, e))
+        self.file
+            .set_len(len)
+            .map_err(|e| DiskError::io("truncate", &self.path, e))
     }
 }
 
@@ -155,7 +171,14 @@ pub(crate) struct Geo {
 }
 
 impl Geo {
-    pub(crate) fn new(block_size: u64, lss: u64, pss: u32, virtual_size: u64, has_parent: bool, leave_allocated: bool) -> Geo {
+    pub(crate) fn new(
+        block_size: u64,
+        lss: u64,
+        pss: u32,
+        virtual_size: u64,
+        has_parent: bool,
+        leave_allocated: bool,
+    ) -> Geo {
         Geo {
             block_size,
             lss,
@@ -297,7 +320,13 @@ fn locator_from_kv(kv: &[(String, String)]) -> ParentLocator {
     ParentLocator {
         relative_path: get("relative_path").map(|p| p.replace('\\', "/")),
         // "\\dir\\file" is how we store a POSIX path; "C:\\..." stays as stored.
-        absolute_path: get("absolute_win32_path").map(|p| if p.starts_with('\\') { p.replace('\\', "/") } else { p }),
+        absolute_path: get("absolute_win32_path").map(|p| {
+            if p.starts_with('\\') {
+                p.replace('\\', "/")
+            } else {
+                p
+            }
+        }),
         volume_path: get("volume_path"),
         expected: get("parent_linkage")
             .and_then(|g| parse_guid_text(&g))
@@ -315,7 +344,9 @@ pub(crate) fn info_from_state(st: &State) -> LayerInfo {
         logical_sector_size: st.geo.lss as u32,
         physical_sector_size: st.geo.pss,
         disk_id: Some(st.disk_id),
-        identity: LayerIdentity::Vhdx { data_write_guid: st.hdr.data_write_guid },
+        identity: LayerIdentity::Vhdx {
+            data_write_guid: st.hdr.data_write_guid,
+        },
     }
 }
 
@@ -331,21 +362,31 @@ impl VhdxFile {
             .write(!opts.read_only)
             .open(path)
             .map_err(|e| DiskError::io("open", path, e))?;
-        let mut io = Io { file, path: path.to_path_buf(), overlay: Vec::new() };
+        let mut io = Io {
+            file,
+            path: path.to_path_buf(),
+            overlay: Vec::new(),
+        };
         let corrupt = |r: String| DiskError::corrupt(path, FMT, r);
         let file_len = io.len()?;
         if file_len < MIB {
             let mut sig = [0u8; 8];
             let _ = io.file.read_at(&mut sig, 0);
             if !probe(&sig) {
-                return Err(DiskError::UnknownFormat { path: path.to_path_buf() });
+                return Err(DiskError::UnknownFormat {
+                    path: path.to_path_buf(),
+                });
             }
-            return Err(corrupt(format!("file is {file_len} bytes, shorter than the 1 MiB header area")));
+            return Err(corrupt(format!(
+                "file is {file_len} bytes, shorter than the 1 MiB header area"
+            )));
         }
         let mut sig = [0u8; 8];
         io.read(0, &mut sig)?;
         if !probe(&sig) {
-            return Err(DiskError::UnknownFormat { path: path.to_path_buf() });
+            return Err(DiskError::UnknownFormat {
+                path: path.to_path_buf(),
+            });
         }
 
         // Headers: the valid one with the higher sequence number wins.
@@ -359,10 +400,17 @@ impl VhdxFile {
             (Some(a), Some(b)) if b.sequence > a.sequence => (b.clone(), 1),
             (Some(a), _) => (a.clone(), 0),
             (None, Some(b)) => (b.clone(), 1),
-            (None, None) => return Err(corrupt("neither header has a valid signature and checksum".into())),
+            (None, None) => {
+                return Err(corrupt(
+                    "neither header has a valid signature and checksum".into(),
+                ))
+            }
         };
         if hdr.version != 1 {
-            return Err(DiskError::Unsupported { path: path.to_path_buf(), what: format!("header Version {}", hdr.version) });
+            return Err(DiskError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("header Version {}", hdr.version),
+            });
         }
         if hdr.log_version != 0 {
             return Err(DiskError::Unsupported {
@@ -372,11 +420,19 @@ impl VhdxFile {
         }
         let log_offset = hdr.log_offset;
         let log_length = hdr.log_length as u64;
-        if log_offset < MIB || log_offset % MIB != 0 || log_length % MIB != 0 || log_length > MAX_LOG_LENGTH {
-            return Err(corrupt(format!("header LogOffset {log_offset} / LogLength {log_length} invalid")));
+        if log_offset < MIB
+            || log_offset % MIB != 0
+            || !log_length.is_multiple_of(MIB)
+            || log_length > MAX_LOG_LENGTH
+        {
+            return Err(corrupt(format!(
+                "header LogOffset {log_offset} / LogLength {log_length} invalid"
+            )));
         }
         if log_offset.saturating_add(log_length) > file_len {
-            return Err(corrupt("header log region lies beyond the end of the file".into()));
+            return Err(corrupt(
+                "header log region lies beyond the end of the file".into(),
+            ));
         }
 
         // Log replay.
@@ -393,15 +449,23 @@ impl VhdxFile {
                         head.flushed_file_offset
                     )));
                 }
-                log_seq = head.sequence + 1;
+                log_seq = head.sequence.wrapping_add(1).max(1);
                 let last = head.last_file_offset;
                 if opts.read_only {
                     if !opts.replay_log {
-                        return Err(DiskError::DirtyLog { path: path.to_path_buf() });
+                        return Err(DiskError::DirtyLog {
+                            path: path.to_path_buf(),
+                        });
                     }
                     let mut ops: Vec<LogOp> = seq.into_iter().flat_map(|e| e.ops).collect();
                     if last > file_len {
-                        ops.insert(0, LogOp::Zero { offset: file_len, length: last - file_len });
+                        ops.insert(
+                            0,
+                            LogOp::Zero {
+                                offset: file_len,
+                                length: last - file_len,
+                            },
+                        );
                     }
                     io.overlay = ops;
                 } else {
@@ -410,8 +474,12 @@ impl VhdxFile {
                             match op {
                                 LogOp::Data { offset, data } => io.write(*offset, data)?,
                                 LogOp::Zero { offset, length } => {
-                                    if offset.saturating_add(*length) > file_len.max(last).max(MAX_VIRTUAL_SIZE) {
-                                        return Err(corrupt(format!("log zero descriptor {offset}+{length} is out of range")));
+                                    if offset.saturating_add(*length)
+                                        > file_len.max(last).max(MAX_VIRTUAL_SIZE)
+                                    {
+                                        return Err(corrupt(format!(
+                                            "log zero descriptor {offset}+{length} is out of range"
+                                        )));
                                     }
                                     let z = vec![0u8; MIB as usize];
                                     let mut done = 0;
@@ -442,7 +510,11 @@ impl VhdxFile {
                 hdr = h;
             }
         }
-        let file_len = if io.overlay.is_empty() { io.len()? } else { io.virtual_len()? };
+        let file_len = if io.overlay.is_empty() {
+            io.len()?
+        } else {
+            io.virtual_len()?
+        };
 
         // Region table: first valid copy.
         let mut regions = None;
@@ -458,14 +530,23 @@ impl VhdxFile {
                 Err(e) => region_err = e,
             }
         }
-        let regions = regions.ok_or_else(|| corrupt(format!("no valid region table ({region_err})")))?;
+        let regions =
+            regions.ok_or_else(|| corrupt(format!("no valid region table ({region_err})")))?;
         let mut bat_region = None;
         let mut meta_region = None;
         for r in &regions {
             let (o, l) = (r.file_offset, r.length as u64);
             if r.guid == BAT_GUID || r.guid == METADATA_GUID {
-                if o < MIB || o % MIB != 0 || l == 0 || l % MIB != 0 || o.saturating_add(l) > file_len {
-                    return Err(corrupt(format!("region {} at {o}+{l} is invalid or beyond the end of the file", r.guid)));
+                if o < MIB
+                    || o % MIB != 0
+                    || l == 0
+                    || l % MIB != 0
+                    || o.saturating_add(l) > file_len
+                {
+                    return Err(corrupt(format!(
+                        "region {} at {o}+{l} is invalid or beyond the end of the file",
+                        r.guid
+                    )));
                 }
                 let overlaps_log = o < log_offset + log_length && log_offset < o + l;
                 if overlaps_log {
@@ -477,10 +558,14 @@ impl VhdxFile {
                     meta_region = Some((o, l));
                 }
             } else if r.required {
-                return Err(DiskError::Unsupported { path: path.to_path_buf(), what: format!("required region {}", r.guid) });
+                return Err(DiskError::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!("required region {}", r.guid),
+                });
             }
         }
-        let (bat_offset, bat_length) = bat_region.ok_or_else(|| corrupt("region table has no BAT region".into()))?;
+        let (bat_offset, bat_length) =
+            bat_region.ok_or_else(|| corrupt("region table has no BAT region".into()))?;
         let (meta_offset, meta_length) =
             meta_region.ok_or_else(|| corrupt("region table has no metadata region".into()))?;
         if bat_offset < meta_offset + meta_length && meta_offset < bat_offset + bat_length {
@@ -493,7 +578,14 @@ impl VhdxFile {
         let meta_entries = parse_metadata_table(&table).map_err(corrupt)?;
         let mut items: HashMap<Uuid, Vec<u8>> = HashMap::new();
         for e in &meta_entries {
-            let known = [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR];
+            let known = [
+                FILE_PARAMETERS,
+                VIRTUAL_DISK_SIZE,
+                PAGE83_DATA,
+                LOGICAL_SECTOR_SIZE,
+                PHYSICAL_SECTOR_SIZE,
+                PARENT_LOCATOR,
+            ];
             if !known.contains(&e.item_id) {
                 if e.is_required {
                     return Err(DiskError::Unsupported {
@@ -505,7 +597,10 @@ impl VhdxFile {
             }
             let (o, l) = (e.offset as u64, e.length as u64);
             if l == 0 || o < METADATA_TABLE_SIZE as u64 || o + l > meta_length || l > MIB {
-                return Err(corrupt(format!("metadata item {} at {o}+{l} is out of the metadata region", e.item_id)));
+                return Err(corrupt(format!(
+                    "metadata item {} at {o}+{l} is out of the metadata region",
+                    e.item_id
+                )));
             }
             let mut b = vec![0u8; l as usize];
             io.read(meta_offset + o, &mut b)?;
@@ -523,7 +618,9 @@ impl VhdxFile {
         let leave_allocated = flags & 1 != 0;
         let has_parent = flags & 2 != 0;
         if !(MIB..=256 * MIB).contains(&block_size) || !block_size.is_power_of_two() {
-            return Err(corrupt(format!("File Parameters BlockSize {block_size} invalid")));
+            return Err(corrupt(format!(
+                "File Parameters BlockSize {block_size} invalid"
+            )));
         }
         let virtual_size = u64_at(item(&VIRTUAL_DISK_SIZE, "Virtual Disk Size", 8)?, 0);
         let lss = u32_at(item(&LOGICAL_SECTOR_SIZE, "Logical Sector Size", 4)?, 0) as u64;
@@ -535,7 +632,8 @@ impl VhdxFile {
         if pss != 512 && pss != 4096 {
             return Err(corrupt(format!("Physical Sector Size {pss} invalid")));
         }
-        if virtual_size == 0 || virtual_size % lss != 0 || virtual_size > MAX_VIRTUAL_SIZE {
+        if virtual_size == 0 || !virtual_size.is_multiple_of(lss) || virtual_size > MAX_VIRTUAL_SIZE
+        {
             return Err(corrupt(format!("Virtual Disk Size {virtual_size} invalid")));
         }
         let mut locator_kv = Vec::new();
@@ -543,16 +641,28 @@ impl VhdxFile {
             let b = item(&PARENT_LOCATOR, "Parent Locator", 20)?;
             let (ty, kv) = parse_parent_locator(b).map_err(corrupt)?;
             if ty != VHDX_LOCATOR_TYPE {
-                return Err(DiskError::Unsupported { path: path.to_path_buf(), what: format!("parent locator type {ty}") });
+                return Err(DiskError::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!("parent locator type {ty}"),
+                });
             }
             locator_kv = kv;
         }
-        let geo = Geo::new(block_size, lss, pss, virtual_size, has_parent, leave_allocated);
+        let geo = Geo::new(
+            block_size,
+            lss,
+            pss,
+            virtual_size,
+            has_parent,
+            leave_allocated,
+        );
 
         // BAT: whole 4 KiB pages, as many as the disk needs.
         let required = geo.required_entries();
         if required * 8 > bat_length {
-            return Err(corrupt(format!("BAT region of {bat_length} bytes holds fewer than the {required} entries needed")));
+            return Err(corrupt(format!(
+                "BAT region of {bat_length} bytes holds fewer than the {required} entries needed"
+            )));
         }
         let n = round_up(required, 512).min(bat_length / 8);
         let mut raw = vec![0u8; (n * 8) as usize];
@@ -596,7 +706,9 @@ impl VhdxFile {
             if s == PAYLOAD_PARTIALLY_PRESENT && g.has_parent {
                 let sbe = st.entry(g.sb_index(blk / g.chunk_ratio));
                 if bat_state(sbe) != SB_PRESENT {
-                    return Err(corrupt(format!("block {blk} is partially present but its sector bitmap block is not")));
+                    return Err(corrupt(format!(
+                        "block {blk} is partially present but its sector bitmap block is not"
+                    )));
                 }
                 let off = entry_offset(sbe) + (blk % g.chunk_ratio) * bb as u64;
                 let mut b = vec![0u8; bb];
@@ -619,7 +731,11 @@ impl VhdxFile {
         Ok(VhdxFile {
             io,
             read_only: opts.read_only,
-            snaps: Snap { info, locator, next: OnceLock::new() },
+            snaps: Snap {
+                info,
+                locator,
+                next: OnceLock::new(),
+            },
             state: RwLock::new(st),
             log_replayed,
             data_guid_done: AtomicBool::new(false),
@@ -662,10 +778,15 @@ impl VhdxFile {
 
     pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(DiskError::ReadOnly { path: self.io.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.io.path.clone(),
+            });
         }
         if self.poisoned.load(Ordering::SeqCst) {
-            return Err(DiskError::Refused { path: self.io.path.clone(), reason: "handle stopped after a failed metadata commit".into() });
+            return Err(DiskError::Refused {
+                path: self.io.path.clone(),
+                reason: "handle stopped after a failed metadata commit".into(),
+            });
         }
         Ok(())
     }
@@ -673,7 +794,11 @@ impl VhdxFile {
     pub(crate) fn publish(&self, st: &State) {
         let cur = self.snaps.current();
         let locator = st.geo.has_parent.then(|| locator_from_kv(&st.locator_kv));
-        let _ = cur.next.set(Box::new(Snap { info: info_from_state(st), locator, next: OnceLock::new() }));
+        let _ = cur.next.set(Box::new(Snap {
+            info: info_from_state(st),
+            locator,
+            next: OnceLock::new(),
+        }));
     }
 
     /// Write the header into the older slot, making it current.
@@ -736,7 +861,7 @@ impl VhdxFile {
         let bits = st.bitmaps.entry(blk).or_insert_with(|| vec![0u8; bb]);
         let mut s = from;
         while s < to {
-            if s % 8 == 0 && s + 8 <= to {
+            if s.is_multiple_of(8) && s + 8 <= to {
                 if let Some(b) = bits.get_mut((s / 8) as usize) {
                     *b = if value { 0xff } else { 0 };
                 }
@@ -757,7 +882,9 @@ impl VhdxFile {
 
     fn all_bits(st: &State, blk: u64, value: bool) -> bool {
         let want = if value { 0xff } else { 0 };
-        st.bitmaps.get(&blk).is_some_and(|b| b.iter().all(|x| *x == want))
+        st.bitmaps
+            .get(&blk)
+            .is_some_and(|b| b.iter().all(|x| *x == want))
     }
 
     /// Write inside one block under the write lock, allocating as needed.
@@ -780,7 +907,8 @@ impl VhdxFile {
             PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => {
                 let off = self.allocate(st, g.block_size)?;
                 self.io.write(off + in_blk, data)?;
-                let transparent = g.has_parent && (state == PAYLOAD_NOT_PRESENT || state == PAYLOAD_UNMAPPED);
+                let transparent =
+                    g.has_parent && (state == PAYLOAD_NOT_PRESENT || state == PAYLOAD_UNMAPPED);
                 if transparent && !whole {
                     self.ensure_sector_bitmap(st, blk)?;
                     Self::set_bits(st, blk, 0, g.sectors_per_block(), false);
@@ -790,20 +918,28 @@ impl VhdxFile {
                     // A base block, or one hiding its parent: the unwritten rest is
                     // fresh zero space, so the whole block is present.
                     // Keep an existing sector bitmap truthful for other readers.
-                    if g.has_parent && bat_state(st.entry(g.sb_index(blk / g.chunk_ratio))) == SB_PRESENT {
+                    if g.has_parent
+                        && bat_state(st.entry(g.sb_index(blk / g.chunk_ratio))) == SB_PRESENT
+                    {
                         Self::set_bits(st, blk, 0, g.sectors_per_block(), true);
                     }
                     st.set_block(blk, bat_entry(PAYLOAD_FULLY_PRESENT, off));
                 }
             }
-            s => return Err(self.corrupt(format!("BAT entry of block {blk} has invalid state {s}"))),
+            s => {
+                return Err(self.corrupt(format!("BAT entry of block {blk} has invalid state {s}")))
+            }
         }
         Ok(())
     }
 
     fn check_aligned(&self, offset: u64, len: u64, lss: u64) -> Result<()> {
-        if offset % lss != 0 || len % lss != 0 {
-            return Err(DiskError::Unaligned { offset, len, sector: lss as u32 });
+        if !offset.is_multiple_of(lss) || !len.is_multiple_of(lss) {
+            return Err(DiskError::Unaligned {
+                offset,
+                len,
+                sector: lss as u32,
+            });
         }
         Ok(())
     }
@@ -835,14 +971,16 @@ impl VhdxFile {
             if bat_state(sbe) != SB_PRESENT {
                 continue;
             }
-            let Some(bits) = st.bitmaps.get(&blk) else { continue };
+            let Some(bits) = st.bitmaps.get(&blk) else {
+                continue;
+            };
             let start = entry_offset(sbe) + (blk % st.geo.chunk_ratio) * bb;
             let mut p = start / 4096 * 4096;
             while p < start + bb {
-                if !pages.contains_key(&p) {
+                if let std::collections::btree_map::Entry::Vacant(e) = pages.entry(p) {
                     let mut b = vec![0u8; 4096];
                     self.io.read(p, &mut b)?;
-                    pages.insert(p, b);
+                    e.insert(b);
                 }
                 if let Some(page) = pages.get_mut(&p) {
                     let (s, e) = (start.max(p), (start + bb).min(p + 4096));
@@ -883,8 +1021,9 @@ impl VhdxFile {
         // Only partially present blocks need their bitmap in memory.
         let g = st.geo.clone();
         let bat = &st.bat;
-        st.bitmaps
-            .retain(|blk, _| bat_state(bat.get(g.bat_index(*blk)).copied().unwrap_or(0)) == PAYLOAD_PARTIALLY_PRESENT);
+        st.bitmaps.retain(|blk, _| {
+            bat_state(bat.get(g.bat_index(*blk)).copied().unwrap_or(0)) == PAYLOAD_PARTIALLY_PRESENT
+        });
         Ok(())
     }
 
@@ -901,7 +1040,10 @@ impl VhdxFile {
         st.log_seq += 1;
         if self.crash_after_log_write.load(Ordering::SeqCst) {
             self.poisoned.store(true, Ordering::SeqCst);
-            return Err(DiskError::Refused { path: self.io.path.clone(), reason: "simulated crash after the log write".into() });
+            return Err(DiskError::Refused {
+                path: self.io.path.clone(),
+                reason: "simulated crash after the log write".into(),
+            });
         }
         for (off, data) in group {
             self.io.write(*off, data)?;
@@ -938,7 +1080,10 @@ impl VhdxFile {
                         let v = offset + pos;
                         let n = (bs - v % bs).min(buf.len() as u64 - pos);
                         let e = st.block_entry(v / bs);
-                        self.io.write(entry_offset(e) + v % bs, &buf[pos as usize..(pos + n) as usize])?;
+                        self.io.write(
+                            entry_offset(e) + v % bs,
+                            &buf[pos as usize..(pos + n) as usize],
+                        )?;
                         pos += n;
                     }
                     return Ok(());
@@ -951,7 +1096,12 @@ impl VhdxFile {
         while pos < buf.len() as u64 {
             let v = offset + pos;
             let n = (bs - v % bs).min(buf.len() as u64 - pos);
-            self.write_block(&mut st, v / bs, v % bs, &buf[pos as usize..(pos + n) as usize])?;
+            self.write_block(
+                &mut st,
+                v / bs,
+                v % bs,
+                &buf[pos as usize..(pos + n) as usize],
+            )?;
             pos += n;
         }
         self.maybe_commit(&mut st)
@@ -1007,7 +1157,9 @@ impl VhdxFile {
                         Self::set_bits(&mut st, blk, s0, s1, false);
                         st.set_block(blk, bat_entry(PAYLOAD_PARTIALLY_PRESENT, entry_offset(e)));
                     }
-                    PAYLOAD_PARTIALLY_PRESENT if discard => Self::set_bits(&mut st, blk, s0, s1, false),
+                    PAYLOAD_PARTIALLY_PRESENT if discard => {
+                        Self::set_bits(&mut st, blk, s0, s1, false)
+                    }
                     PAYLOAD_FULLY_PRESENT => self.write_zero_bytes(&st, e, in_blk, n, &zero)?,
                     PAYLOAD_PARTIALLY_PRESENT => {
                         self.write_zero_bytes(&st, e, in_blk, n, &zero)?;
@@ -1041,7 +1193,8 @@ impl VhdxFile {
         let mut done = 0;
         while done < n {
             let k = (n - done).min(zero.len() as u64);
-            self.io.write(entry_offset(e) + in_blk + done, &zero[..k as usize])?;
+            self.io
+                .write(entry_offset(e) + in_blk + done, &zero[..k as usize])?;
             done += k;
         }
         Ok(())
@@ -1110,7 +1263,11 @@ impl Layer for VhdxFile {
                         p = q;
                     }
                 }
-                s => return Err(self.corrupt(format!("BAT entry of block {blk} has invalid state {s}"))),
+                s => {
+                    return Err(
+                        self.corrupt(format!("BAT entry of block {blk} has invalid state {s}"))
+                    )
+                }
             }
             pos += n;
         }
@@ -1166,7 +1323,13 @@ impl Layer for VhdxFile {
             let in_blk = v % bs;
             let n = (bs - in_blk).min(len - pos);
             let e = st.block_entry(blk);
-            let mut add = |o: u64, l: u64, state| out.push(Extent { offset: o, length: l, state });
+            let mut add = |o: u64, l: u64, state| {
+                out.push(Extent {
+                    offset: o,
+                    length: l,
+                    state,
+                })
+            };
             match bat_state(e) {
                 PAYLOAD_FULLY_PRESENT => add(v, n, ExtentState::Data),
                 PAYLOAD_NOT_PRESENT => add(v, n, ExtentState::Absent),
@@ -1177,12 +1340,24 @@ impl Layer for VhdxFile {
                     while p < in_blk + n {
                         let bit = st.bit(blk, p / g.lss);
                         let q = ((p / g.lss + 1) * g.lss).min(in_blk + n);
-                        add(blk * bs + p, q - p, if bit { ExtentState::Data } else { ExtentState::Absent });
+                        add(
+                            blk * bs + p,
+                            q - p,
+                            if bit {
+                                ExtentState::Data
+                            } else {
+                                ExtentState::Absent
+                            },
+                        );
                         p = q;
                     }
                     coalesce(&mut out);
                 }
-                s => return Err(self.corrupt(format!("BAT entry of block {blk} has invalid state {s}"))),
+                s => {
+                    return Err(
+                        self.corrupt(format!("BAT entry of block {blk} has invalid state {s}"))
+                    )
+                }
             }
             pos += n;
         }

@@ -48,17 +48,26 @@ fn differencing(lss: u32) {
     let base_guid = base.data_write_guid();
     let child = VhdxFile::create(&child_p, &child_spec(&base, &base_p, lss)).unwrap();
     assert_eq!(child.info().kind, DiskKind::Differencing);
-    assert_eq!(child.info().block_size, 2 << 20, "differencing default block size");
+    assert_eq!(
+        child.info().block_size,
+        2 << 20,
+        "differencing default block size"
+    );
     let loc = child.parent_locator().unwrap();
     assert_eq!(loc.relative_path.as_deref(), Some("base.vhdx"));
     assert_eq!(loc.absolute_path.as_deref(), base_p.to_str());
-    assert_eq!(loc.expected, Some(LayerIdentity::Vhdx { data_write_guid: base_guid }));
+    assert_eq!(
+        loc.expected,
+        Some(LayerIdentity::Vhdx {
+            data_write_guid: base_guid
+        })
+    );
 
     // Which sectors the child holds (written or zeroed), mirrored in `held`.
     let sectors = (size / l) as usize;
     let mut held = vec![false; sectors];
     let bs = child.info().block_size as u64;
-    let mut write = |off: u64, d: &[u8], held: &mut Vec<bool>| {
+    let write = |off: u64, d: &[u8], held: &mut Vec<bool>| {
         child.write(off, d).unwrap();
         flat.write(off, d).unwrap();
         for s in off / l..(off + d.len() as u64) / l {
@@ -108,8 +117,22 @@ fn differencing(lss: u32) {
     drop(child);
 
     // Reopen read-only and verify reads, absent ranges and extents.
-    let child = VhdxFile::open(&child_p, &OpenOptions { read_only: true, replay_log: false }).unwrap();
-    let base = VhdxFile::open(&base_p, &OpenOptions { read_only: true, replay_log: false }).unwrap();
+    let child = VhdxFile::open(
+        &child_p,
+        &OpenOptions {
+            read_only: true,
+            replay_log: false,
+        },
+    )
+    .unwrap();
+    let base = VhdxFile::open(
+        &base_p,
+        &OpenOptions {
+            read_only: true,
+            replay_log: false,
+        },
+    )
+    .unwrap();
     let mut expect = vec![0u8; size as usize];
     flat.read_layer(0, &mut expect, &mut Vec::new()).unwrap();
     let got = read_chain(&child, &base, 0, size as usize);
@@ -119,7 +142,10 @@ fn differencing(lss: u32) {
         let len = (1 + rng.below(300)) * l;
         let off = rng.below((size - len) / l) * l;
         let got = read_chain(&child, &base, off, len as usize);
-        assert_eq!(first_diff(&got, &expect[off as usize..(off + len) as usize]), None);
+        assert_eq!(
+            first_diff(&got, &expect[off as usize..(off + len) as usize]),
+            None
+        );
     }
     let mut absent = Vec::new();
     let mut buf = vec![0u8; size as usize];
@@ -146,8 +172,17 @@ fn differencing(lss: u32) {
     // libvhdi reads the child over the parent as one disk.
     let info = run_ok("vhdiinfo", &[p(&child_p)], 60);
     assert!(info.contains("Differential"), "{info}");
-    assert!(info.contains(&format!("Parent identifier\t: {base_guid}")), "{info}");
-    assert!(info.contains(&format!("Parent filename\t\t: {}", base_p.display().to_string().replace('/', "\\"))), "{info}");
+    assert!(
+        info.contains(&format!("Parent identifier\t: {base_guid}")),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!(
+            "Parent filename\t\t: {}",
+            base_p.display().to_string().replace('/', "\\")
+        )),
+        "{info}"
+    );
     // vhdimount resolves the parent through our locator and opens the chain.
     // libvhdi 20210425 (Debian bookworm) returns the parent's data for every block of
     // a VHDX child, even FULLY_PRESENT blocks with all bitmap bits set (newer libvhdi
@@ -159,11 +194,23 @@ fn differencing(lss: u32) {
     // Writing the parent changes its DataWriteGuid, which invalidates the child.
     drop(base);
     let base = VhdxFile::open(&base_p, &OpenOptions::default()).unwrap();
-    assert_eq!(base.data_write_guid(), base_guid, "opening writable alone changes nothing");
+    assert_eq!(
+        base.data_write_guid(),
+        base_guid,
+        "opening writable alone changes nothing"
+    );
     base.write(0, &[1u8; 4096]).unwrap();
     assert_ne!(base.data_write_guid(), base_guid);
-    assert_eq!(base.info().identity, LayerIdentity::Vhdx { data_write_guid: base.data_write_guid() });
-    assert_ne!(Some(base.info().identity.clone()), child.parent_locator().unwrap().expected);
+    assert_eq!(
+        base.info().identity,
+        LayerIdentity::Vhdx {
+            data_write_guid: base.data_write_guid()
+        }
+    );
+    assert_ne!(
+        Some(base.info().identity.clone()),
+        child.parent_locator().unwrap().expected
+    );
     let _ = base.allocation();
 }
 

@@ -22,14 +22,42 @@ fn resize_grow_moves_bat_and_shrink_refuses_data() {
     let info = run_ok("qemu-img", &["info", "--output=json", p(&img)], 60);
     assert!(info.contains(&format!("\"virtual-size\": {big}")), "{info}");
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
-    run_ok("qemu-io", &["-f", "vhdx", "-r", "-c", "read -P 0x77 1M 4k", "-c", &format!("read -P 0x88 {} 4096", big - 4096), "-c", "read -P 0 2M 1M", p(&img)], 60);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-r",
+            "-c",
+            "read -P 0x77 1M 4k",
+            "-c",
+            &format!("read -P 0x88 {} 4096", big - 4096),
+            "-c",
+            "read -P 0 2M 1M",
+            p(&img),
+        ],
+        60,
+    );
     // Shrink works once the cut range holds no data.
     let v = VhdxFile::open(&img, &OpenOptions::default()).unwrap();
     v.discard(big - MIB, MIB).unwrap();
     v.resize(32 * MIB).unwrap();
     drop(v);
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
-    run_ok("qemu-io", &["-f", "vhdx", "-r", "-c", "read -P 0x77 1M 4k", "-c", "read -P 0 16M 16M", p(&img)], 60);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-r",
+            "-c",
+            "read -P 0x77 1M 4k",
+            "-c",
+            "read -P 0 16M 16M",
+            p(&img),
+        ],
+        60,
+    );
 }
 
 #[test]
@@ -48,15 +76,32 @@ fn set_parent_rewrites_locator() {
     };
     let child = VhdxFile::create(
         &child_p,
-        &CreateSpec { virtual_size: 0, kind: DiskKind::Differencing, block_size: 0, logical_sector_size: 512, physical_sector_size: 512, parent: Some(ps(&base_p, "base.vhdx")) },
+        &CreateSpec {
+            virtual_size: 0,
+            kind: DiskKind::Differencing,
+            block_size: 0,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            parent: Some(ps(&base_p, "base.vhdx")),
+        },
     )
     .unwrap();
     child.write(0, &[5u8; 4096]).unwrap();
     let long = format!("{}/{}", "sub".repeat(40), "moved.vhdx");
     child.set_parent(&ps(&moved_p, &long)).unwrap();
-    assert_eq!(child.parent_locator().unwrap().relative_path.as_deref(), Some(long.as_str()));
+    assert_eq!(
+        child.parent_locator().unwrap().relative_path.as_deref(),
+        Some(long.as_str())
+    );
     drop(child);
-    let child = VhdxFile::open(&child_p, &OpenOptions { read_only: true, replay_log: false }).unwrap();
+    let child = VhdxFile::open(
+        &child_p,
+        &OpenOptions {
+            read_only: true,
+            replay_log: false,
+        },
+    )
+    .unwrap();
     let loc = child.parent_locator().unwrap();
     assert_eq!(loc.relative_path.as_deref(), Some(long.as_str()));
     assert_eq!(loc.absolute_path.as_deref(), moved_p.to_str());
@@ -92,11 +137,12 @@ fn compact_shrinks_and_keeps_content() {
     v.flush().unwrap();
     let before = std::fs::metadata(&img).unwrap().len();
     let mut calls = 0;
-    let shrunk = v.compact(&mut |_, _| {
-        calls += 1;
-        true
-    })
-    .unwrap();
+    let shrunk = v
+        .compact(&mut |_, _| {
+            calls += 1;
+            true
+        })
+        .unwrap();
     let after = std::fs::metadata(&img).unwrap().len();
     println!("compact: {before} -> {after} bytes (reported {shrunk})");
     assert_eq!(before - after, shrunk);
@@ -107,7 +153,11 @@ fn compact_shrinks_and_keeps_content() {
     assert_eq!(a.allocated_blocks, 32 - 11 - 4);
     assert!(v.check(false).unwrap().is_clean());
     drop(v);
-    run_ok("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+        120,
+    );
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
 }
 

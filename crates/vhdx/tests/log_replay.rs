@@ -28,11 +28,19 @@ fn bat_offset(path: &Path) -> u64 {
     let f = std::fs::File::open(path).unwrap();
     let mut b = vec![0u8; 64 * 1024];
     f.read_exact_at(&mut b, REGION_OFFSETS[0]).unwrap();
-    parse_region_table(&b).unwrap().into_iter().find(|r| r.guid == BAT_GUID).unwrap().file_offset
+    parse_region_table(&b)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.guid == BAT_GUID)
+        .unwrap()
+        .file_offset
 }
 
 fn ro(replay: bool) -> OpenOptions {
-    OpenOptions { read_only: true, replay_log: replay }
+    OpenOptions {
+        read_only: true,
+        replay_log: replay,
+    }
 }
 
 fn assert_matches(img: &Path, reference: &Path, opts: &OpenOptions) {
@@ -67,22 +75,39 @@ fn our_dirty_log_is_replayed() {
     v.debug_crash_after_log_write();
     assert!(v.flush().is_err());
     drop(v);
-    assert!(!current_header(&img).log_guid.is_nil(), "the log is left dirty");
+    assert!(
+        !current_header(&img).log_guid.is_nil(),
+        "the log is left dirty"
+    );
 
     // qemu refuses the dirty image read-only, as the spec requires.
-    let out = run("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+    let out = run(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+        120,
+    );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("log"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("log"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Read-only without replay is refused; with replay it is done in memory only.
-    assert!(matches!(VhdxFile::open(&img, &ro(false)), Err(DiskError::DirtyLog { .. })));
+    assert!(matches!(
+        VhdxFile::open(&img, &ro(false)),
+        Err(DiskError::DirtyLog { .. })
+    ));
     let before = std::fs::read(&img).unwrap();
     {
         let v = VhdxFile::open(&img, &ro(true)).unwrap();
         assert!(v.log_was_replayed());
     }
     assert_matches(&img, &rawp, &ro(true));
-    assert!(std::fs::read(&img).unwrap() == before, "read-only replay must not write");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "read-only replay must not write"
+    );
 
     // A writable open replays into the file and empties the log.
     let v = VhdxFile::open(&img, &OpenOptions::default()).unwrap();
@@ -93,7 +118,11 @@ fn our_dirty_log_is_replayed() {
     assert!(!v.log_was_replayed());
     drop(v);
     assert_matches(&img, &rawp, &ro(false));
-    run_ok("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+        120,
+    );
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
 }
 
@@ -121,11 +150,23 @@ fn qemu_replays_our_dirty_log() {
     drop(v);
     std::fs::copy(&img, &copy).unwrap();
     // qemu replays our log entry (its own replay code) ...
-    run_ok("qemu-img", &["check", "-r", "all", "-f", "vhdx", p(&copy)], 120);
-    run_ok("qemu-img", &["compare", "-f", "vhdx", p(&copy), "-F", "raw", p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["check", "-r", "all", "-f", "vhdx", p(&copy)],
+        120,
+    );
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&copy), "-F", "raw", p(&rawp)],
+        120,
+    );
     // ... and so do we, with the same result.
     drop(VhdxFile::open(&img, &OpenOptions::default()).unwrap());
-    run_ok("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+        120,
+    );
 }
 
 /// qemu 7.2 interrupted between its log write and the BAT update (blkdebug fails the
@@ -136,8 +177,25 @@ fn qemu_interrupted_log_is_judged_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("q.vhdx");
     let rawp = dir.path().join("q.raw");
-    run_ok("qemu-img", &["create", "-q", "-f", "vhdx", "-o", "block_size=1M", p(&img), "64M"], 60);
-    run_ok("qemu-io", &["-f", "vhdx", "-c", "write -P 0x5a 0 1M", p(&img)], 60);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            p(&img),
+            "64M",
+        ],
+        60,
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x5a 0 1M", p(&img)],
+        60,
+    );
     let sector = bat_offset(&img) / 512;
     let conf = dir.path().join("blkdebug.conf");
     std::fs::write(
@@ -146,12 +204,30 @@ fn qemu_interrupted_log_is_judged_like_qemu() {
     )
     .unwrap();
     let target = format!("blkdebug:{}:{}", p(&conf), p(&img));
-    let out = run("qemu-io", &["-f", "vhdx", "-c", "write -P 0xa5 8M 1M", &target], 60);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("Input/output error"), "the injected error fired: {text}");
-    assert!(!current_header(&img).log_guid.is_nil(), "qemu left LogGuid set: {text}");
+    let out = run(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0xa5 8M 1M", &target],
+        60,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Input/output error"),
+        "the injected error fired: {text}"
+    );
+    assert!(
+        !current_header(&img).log_guid.is_nil(),
+        "qemu left LogGuid set: {text}"
+    );
     // Read-only opens succeed for both of us: there is no valid log sequence.
-    run_ok("qemu-img", &["convert", "-f", "vhdx", "-O", "raw", p(&img), p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "vhdx", "-O", "raw", p(&img), p(&rawp)],
+        120,
+    );
     let v = VhdxFile::open(&img, &ro(false)).unwrap();
     assert!(!v.log_was_replayed());
     drop(v);
@@ -159,6 +235,10 @@ fn qemu_interrupted_log_is_judged_like_qemu() {
     // A writable open clears the stale LogGuid; qemu agrees with the result.
     drop(VhdxFile::open(&img, &OpenOptions::default()).unwrap());
     assert!(current_header(&img).log_guid.is_nil());
-    run_ok("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+        120,
+    );
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
 }

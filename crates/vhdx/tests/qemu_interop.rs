@@ -55,7 +55,14 @@ fn workload(img: &VhdxFile, reference: &RawLayer, seed: u64) {
 }
 
 fn compare_with_engine(img: &Path, reference: &Path) {
-    let v = VhdxFile::open(img, &OpenOptions { read_only: true, replay_log: false }).unwrap();
+    let v = VhdxFile::open(
+        img,
+        &OpenOptions {
+            read_only: true,
+            replay_log: false,
+        },
+    )
+    .unwrap();
     let r = RawLayer::open(reference, true).unwrap();
     let size = v.info().virtual_size;
     let chunk = 8 * MIB;
@@ -94,12 +101,18 @@ fn ours_then_qemu(block_mib: u32) {
                 let info = run_ok("vhdiinfo", &[p(&img)], 60);
                 assert!(info.contains("Bytes per sector\t: 4096"), "{info}");
                 let m = Mount::new(&img, &dir.path().join(format!("mnt-{kind:?}")));
-                files_equal(&m.file(), &rawp).unwrap_or_else(|e| panic!("{kind:?} bs={block_mib} lss=4096 via vhdimount: {e}"));
+                files_equal(&m.file(), &rawp).unwrap_or_else(|e| {
+                    panic!("{kind:?} bs={block_mib} lss=4096 via vhdimount: {e}")
+                });
                 drop(m);
                 compare_with_engine(&img, &rawp);
                 continue;
             }
-            let out = run("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)], 120);
+            let out = run(
+                "qemu-img",
+                &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&rawp)],
+                120,
+            );
             assert!(
                 out.status.success(),
                 "{kind:?} bs={block_mib}MiB lss={lss}: qemu-img compare: {}{}",
@@ -107,10 +120,17 @@ fn ours_then_qemu(block_mib: u32) {
                 String::from_utf8_lossy(&out.stderr)
             );
             let chk = run("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
-            assert!(chk.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&chk.stdout));
+            assert!(
+                chk.status.success(),
+                "qemu-img check: {}",
+                String::from_utf8_lossy(&chk.stdout)
+            );
             // qemu reports the virtual size and sector size we wrote.
             let info = run_ok("qemu-img", &["info", "--output=json", p(&img)], 60);
-            assert!(info.contains(&format!("\"virtual-size\": {size}")), "{info}");
+            assert!(
+                info.contains(&format!("\"virtual-size\": {size}")),
+                "{info}"
+            );
             compare_with_engine(&img, &rawp);
             std::fs::remove_file(&img).unwrap();
             std::fs::remove_file(&rawp).unwrap();
@@ -142,14 +162,21 @@ fn qemu_written_images_read_back() {
     let cases: &[(&str, &str)] = &[
         ("dyn-default", "subformat=dynamic"),
         ("dyn-1m", "subformat=dynamic,block_size=1M,log_size=1M"),
-        ("dyn-8m-log4m", "subformat=dynamic,block_size=8M,log_size=4M"),
+        (
+            "dyn-8m-log4m",
+            "subformat=dynamic,block_size=8M,log_size=4M",
+        ),
         ("dyn-256m", "subformat=dynamic,block_size=256M"),
         ("fixed-2m", "subformat=fixed,block_size=2M"),
     ];
     for (name, opts) in cases {
         let img = dir.path().join(format!("{name}.vhdx"));
         let raw = dir.path().join(format!("{name}.raw"));
-        run_ok("qemu-img", &["create", "-q", "-f", "vhdx", "-o", opts, p(&img), "600M"], 120);
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "vhdx", "-o", opts, p(&img), "600M"],
+            120,
+        );
         for cmd in [
             "write -P 0x5a 0 64k",
             "write -P 0xa5 1M 3M",
@@ -159,7 +186,11 @@ fn qemu_written_images_read_back() {
         ] {
             run_ok("qemu-io", &["-f", "vhdx", "-c", cmd, p(&img)], 120);
         }
-        run_ok("qemu-img", &["convert", "-f", "vhdx", "-O", "raw", p(&img), p(&raw)], 300);
+        run_ok(
+            "qemu-img",
+            &["convert", "-f", "vhdx", "-O", "raw", p(&img), p(&raw)],
+            300,
+        );
         compare_with_engine(&img, &raw);
 
         // Now we write into qemu's image; qemu must still agree with the reference.
@@ -176,9 +207,21 @@ fn qemu_written_images_read_back() {
             }
             v.flush().unwrap();
         }
-        let out = run("qemu-img", &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&raw)], 300);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = run(
+            "qemu-img",
+            &["compare", "-f", "vhdx", p(&img), "-F", "raw", p(&raw)],
+            300,
+        );
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let chk = run("qemu-img", &["check", "-f", "vhdx", p(&img)], 120);
-        assert!(chk.status.success(), "{name}: {}", String::from_utf8_lossy(&chk.stdout));
+        assert!(
+            chk.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&chk.stdout)
+        );
     }
 }

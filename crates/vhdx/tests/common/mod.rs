@@ -25,9 +25,23 @@ pub fn run(cmd: &str, args: &[&str], secs: u64) -> Output {
         if let Some(status) = child.try_wait().unwrap() {
             let mut stdout = Vec::new();
             let mut stderr = Vec::new();
-            child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
-            child.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
-            return Output { status, stdout, stderr };
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_end(&mut stdout)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_end(&mut stderr)
+                .unwrap();
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
         }
         if start.elapsed() > Duration::from_secs(secs) {
             let _ = child.kill();
@@ -108,12 +122,17 @@ pub fn read_chain(child: &dyn Layer, parent: &dyn Layer, off: u64, len: usize) -
     child.read_layer(off, &mut buf, &mut absent).unwrap();
     let mut last = off;
     for r in &absent {
-        assert!(r.start >= last && r.start < r.end, "absent ranges must ascend: {absent:?}");
+        assert!(
+            r.start >= last && r.start < r.end,
+            "absent ranges must ascend: {absent:?}"
+        );
         last = r.end;
         let mut pabs = Vec::new();
         let s = (r.start - off) as usize;
         let e = (r.end - off) as usize;
-        parent.read_layer(r.start, &mut buf[s..e], &mut pabs).unwrap();
+        parent
+            .read_layer(r.start, &mut buf[s..e], &mut pabs)
+            .unwrap();
         for q in pabs {
             buf[(q.start - off) as usize..(q.end - off) as usize].fill(0);
         }
@@ -122,7 +141,14 @@ pub fn read_chain(child: &dyn Layer, parent: &dyn Layer, off: u64, len: usize) -
 }
 
 pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter().zip(b.iter()).position(|(x, y)| x != y).or(if a.len() != b.len() { Some(a.len().min(b.len())) } else { None })
+    a.iter()
+        .zip(b.iter())
+        .position(|(x, y)| x != y)
+        .or(if a.len() != b.len() {
+            Some(a.len().min(b.len()))
+        } else {
+            None
+        })
 }
 
 /// A vhdimount FUSE mount, unmounted on drop (also on panic).
@@ -133,11 +159,16 @@ pub struct Mount {
 impl Mount {
     pub fn new(image: &Path, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
-        let m = Mount { dir: dir.to_path_buf() };
+        let m = Mount {
+            dir: dir.to_path_buf(),
+        };
         run_ok("vhdimount", &["-X", "allow_other", p(image), p(dir)], 60);
         let start = Instant::now();
         while !m.file().exists() {
-            assert!(start.elapsed() < Duration::from_secs(20), "vhdimount exposed no vhdi1");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "vhdimount exposed no vhdi1"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         m
@@ -151,7 +182,9 @@ impl Drop for Mount {
     fn drop(&mut self) {
         let o = run("umount", &[p(&self.dir)], 30);
         if !o.status.success() {
-            let _ = Command::new("fusermount").args(["-u", p(&self.dir)]).status();
+            let _ = Command::new("fusermount")
+                .args(["-u", p(&self.dir)])
+                .status();
         }
     }
 }

@@ -20,7 +20,8 @@ fn main() -> anyhow::Result<()> {
     for i in 1..=n {
         let c = dir.join(format!("child{i}.vhd"));
         ops::create_differencing(&c, &prev, 0)?;
-        fv_vdisk::open(&c, &OpenOptions::default())?.write_at(4096 * i as u64, &[i as u8 + 1; 4096])?;
+        fv_vdisk::open(&c, &OpenOptions::default())?
+            .write_at(4096 * i as u64, &[i as u8 + 1; 4096])?;
         prev = c;
     }
     Ok(())

@@ -104,7 +104,11 @@ pub fn detect_format(path: &Path) -> Result<DiskFormat> {
     if len >= 512 && fv_vhd::probe(&first[..n], &last) {
         return Ok(DiskFormat::Vhd);
     }
-    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+    {
         Some(e) if e == "img" || e == "raw" => Ok(DiskFormat::Raw),
         _ => Err(DiskError::UnknownFormat {
             path: path.to_path_buf(),
@@ -124,7 +128,11 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Open one image file (no parent resolution).
-pub fn open_layer(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) -> Result<LayerFile> {
+pub fn open_layer(
+    path: &Path,
+    format: Option<DiskFormat>,
+    opts: &OpenOptions,
+) -> Result<LayerFile> {
     let format = match format {
         Some(f) => f,
         None => detect_format(path)?,
@@ -178,7 +186,9 @@ pub fn resolve_parent(
     let cands = parent_candidates(child, loc);
     let mut refused = None;
     for c in &cands {
-        let Ok(canon) = c.canonicalize() else { continue };
+        let Ok(canon) = c.canonicalize() else {
+            continue;
+        };
         if !canon.is_file() {
             continue;
         }
@@ -217,13 +227,16 @@ pub fn verify_link(child: &LayerFile, parent: &LayerFile) -> std::result::Result
             ci.format, pi.format
         ));
     }
-    let expected = child.layer().parent_locator().and_then(|l| l.expected.clone());
+    let expected = child
+        .layer()
+        .parent_locator()
+        .and_then(|l| l.expected.clone());
     match expected {
         Some(exp) if exp != pi.identity => {
             return Err(format!(
-                "parent identity {:?} does not match the recorded {:?} (parent modified or replaced)",
-                pi.identity, exp
-            ))
+            "parent identity {:?} does not match the recorded {:?} (parent modified or replaced)",
+            pi.identity, exp
+        ))
         }
         _ => {}
     }
@@ -261,7 +274,9 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
         .to_path_buf();
     let top = open_layer(path, format, opts)?;
     let mut seen = HashSet::new();
-    let canon = path.canonicalize().map_err(|e| DiskError::io("resolve", path, e))?;
+    let canon = path
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", path, e))?;
     seen.insert(canon);
     let mut layers = vec![top];
     let mut paths = vec![path.to_path_buf()];
@@ -269,11 +284,12 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
         read_only: true,
         ..opts.clone()
     };
-    loop {
-        let (child_path, loc) = match layers.last().and_then(|l| l.layer().parent_locator()) {
-            Some(loc) => (paths[paths.len() - 1].clone(), loc.clone()),
-            None => break,
-        };
+    while let Some(loc) = layers
+        .last()
+        .and_then(|l| l.layer().parent_locator())
+        .cloned()
+    {
+        let child_path = paths.last().cloned().unwrap_or_default();
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(DiskError::Refused {
                 path: path.to_path_buf(),
@@ -310,7 +326,9 @@ thread_local! {
 }
 
 fn take_vec() -> Vec<Range<u64>> {
-    ABSENT_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+    ABSENT_POOL
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_default()
 }
 
 fn give_vec(mut v: Vec<Range<u64>>) {
@@ -361,7 +379,13 @@ impl Disk {
         r
     }
 
-    fn status_from(&self, level: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+    fn status_from(
+        &self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let Some(layer) = self.layers.get(level) else {
             out.push(Extent {
                 offset,
@@ -402,7 +426,7 @@ impl BlockDevice for Disk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let sec = u64::from(self.logical_sector_size().max(512));
-        if offset % sec == 0 && buf.len() as u64 % sec == 0 {
+        if offset.is_multiple_of(sec) && (buf.len() as u64).is_multiple_of(sec) {
             return self.read_from(0, offset, buf);
         }
         // Unaligned: read the covering sectors into a bounce buffer.
@@ -418,7 +442,7 @@ impl BlockDevice for Disk {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let sec = u64::from(self.logical_sector_size().max(512));
-        if offset % sec == 0 && buf.len() as u64 % sec == 0 {
+        if offset.is_multiple_of(sec) && (buf.len() as u64).is_multiple_of(sec) {
             return self.top().write(offset, buf);
         }
         let _g = self.rmw.lock();

@@ -58,12 +58,14 @@ pub fn parent_spec(child: &Path, parent_path: &Path, parent: &LayerFile) -> Resu
         .canonicalize()
         .map_err(|e| DiskError::io("resolve", parent_path, e))?;
     let cd = dir_of(child);
-    let cdc = cd.canonicalize().map_err(|e| DiskError::io("resolve", &cd, e))?;
+    let cdc = cd
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", &cd, e))?;
     let rel = relative_path(&cdc, &pc);
     let to_str = |p: &Path| {
-        p.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| DiskError::InvalidArgument(format!("{} is not valid UTF-8", p.display())))
+        p.to_str().map(str::to_string).ok_or_else(|| {
+            DiskError::InvalidArgument(format!("{} is not valid UTF-8", p.display()))
+        })
     };
     let info = parent.layer().info();
     Ok(ParentSpec {
@@ -80,7 +82,9 @@ pub fn create(path: &Path, format: DiskFormat, spec: &CreateSpec) -> Result<()> 
     match format {
         DiskFormat::Raw => {
             if spec.kind == DiskKind::Differencing {
-                return Err(DiskError::InvalidArgument("raw images cannot be differencing".into()));
+                return Err(DiskError::InvalidArgument(
+                    "raw images cannot be differencing".into(),
+                ));
             }
             RawLayer::create(path, spec.virtual_size).map(drop)
         }
@@ -317,7 +321,13 @@ fn partial_path(dst: &Path) -> PathBuf {
 /// convert -O raw` into a temporary file beside the destination) into a new
 /// fixed or dynamic image. The source is opened read-only; the output is written
 /// to `<dst>.partial` and renamed into place when complete.
-pub fn convert(src: &Path, dst: &Path, to: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    to: DiskFormat,
+    kind: DiskKind,
+    progress: Progress<'_>,
+) -> Result<()> {
     convert_with(src, dst, to, kind, &ro(), progress)
 }
 
@@ -330,7 +340,9 @@ pub fn convert_with(
     progress: Progress<'_>,
 ) -> Result<()> {
     if kind == DiskKind::Differencing {
-        return Err(DiskError::InvalidArgument("convert produces fixed or dynamic disks".into()));
+        return Err(DiskError::InvalidArgument(
+            "convert produces fixed or dynamic disks".into(),
+        ));
     }
     if dst.exists() {
         return Err(DiskError::Refused {
@@ -345,9 +357,14 @@ pub fn convert_with(
     };
     let mut _tmp = RemoveOnDrop(None);
     let disk = if let Some(vsize) = is_qcow2(src)? {
-        let qsize = std::fs::metadata(src).map_err(|e| DiskError::io("stat", src, e))?.len();
+        let qsize = std::fs::metadata(src)
+            .map_err(|e| DiskError::io("stat", src, e))?
+            .len();
         ensure_space(&dst_dir, qsize.min(vsize))?;
-        let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dst
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dst_dir.join(format!(".{name}.{}.qcow2-src.raw", std::process::id()));
         _tmp = RemoveOnDrop(Some(tmp.clone()));
         let out = Command::new("qemu-img")
@@ -360,7 +377,10 @@ pub fn convert_with(
         if !out.status.success() {
             return Err(DiskError::Unsupported {
                 path: src.to_path_buf(),
-                what: format!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                what: format!(
+                    "qemu-img convert failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
             });
         }
         open_format(&tmp, Some(DiskFormat::Raw), &opts)?
@@ -387,7 +407,13 @@ fn estimate(disk: &dyn BlockDevice, to: DiskFormat, kind: DiskKind, block: u64) 
     Ok(blocks.len() as u64 * (block + 512) + size / block * 4 + (1 << 20))
 }
 
-fn copy_disk(disk: &dyn BlockDevice, dst: &Path, to: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+fn copy_disk(
+    disk: &dyn BlockDevice,
+    dst: &Path,
+    to: DiskFormat,
+    kind: DiskKind,
+    progress: Progress<'_>,
+) -> Result<()> {
     let size = disk.size();
     ensure_space(&dir_of(dst), estimate(disk, to, kind, 2 << 20)?)?;
     let partial = partial_path(dst);
@@ -434,7 +460,12 @@ fn sync_dir(d: &Path) {
 }
 
 /// Copy every data extent of `disk` that is not all zeros into a fresh `out`.
-fn copy_extents(disk: &dyn BlockDevice, out: &dyn Layer, size: u64, progress: Progress<'_>) -> Result<()> {
+fn copy_extents(
+    disk: &dyn BlockDevice,
+    out: &dyn Layer,
+    size: u64,
+    progress: Progress<'_>,
+) -> Result<()> {
     let mut buf = vec![0u8; COPY_CHUNK];
     let window = 1u64 << 30;
     let mut w = 0;
@@ -464,7 +495,13 @@ fn copy_extents(disk: &dyn BlockDevice, out: &dyn Layer, size: u64, progress: Pr
 }
 
 /// Flatten `child`'s chain into a new disk; the originals are kept.
-pub fn merge_to_new(child: &Path, dst: &Path, format: DiskFormat, kind: DiskKind, progress: Progress<'_>) -> Result<()> {
+pub fn merge_to_new(
+    child: &Path,
+    dst: &Path,
+    format: DiskFormat,
+    kind: DiskKind,
+    progress: Progress<'_>,
+) -> Result<()> {
     convert(child, dst, format, kind, progress)
 }
 
@@ -479,20 +516,28 @@ pub fn compact(path: &Path, progress: Progress<'_>) -> Result<u64> {
 
 /// Images in `dir` whose parent locator points at `parent`.
 pub fn find_children(dir: &Path, parent: &Path) -> Result<Vec<PathBuf>> {
-    let target = parent.canonicalize().map_err(|e| DiskError::io("resolve", parent, e))?;
+    let target = parent
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", parent, e))?;
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| DiskError::io("read dir", dir, e))?;
     for ent in rd.flatten() {
         let p = ent.path();
-        if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) || p.canonicalize().ok().as_ref() == Some(&target) {
+        if !ent.file_type().map(|t| t.is_file()).unwrap_or(false)
+            || p.canonicalize().ok().as_ref() == Some(&target)
+        {
             continue;
         }
         let Ok(fmt) = detect_format(&p) else { continue };
         if fmt == DiskFormat::Raw {
             continue;
         }
-        let Ok(l) = open_layer(&p, Some(fmt), &ro()) else { continue };
-        let Some(loc) = l.layer().parent_locator() else { continue };
+        let Ok(l) = open_layer(&p, Some(fmt), &ro()) else {
+            continue;
+        };
+        let Some(loc) = l.layer().parent_locator() else {
+            continue;
+        };
         if parent_candidates(&p, loc)
             .iter()
             .any(|c| c.canonicalize().ok().as_ref() == Some(&target))
@@ -513,7 +558,10 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
             path: path.to_path_buf(),
             reason: format!(
                 "the disk has differencing children: {}",
-                kids.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                kids.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         });
     }
@@ -521,7 +569,8 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
     if l.layer().info().kind == DiskKind::Differencing {
         return Err(DiskError::Refused {
             path: path.to_path_buf(),
-            reason: "a differencing disk has its parent's size; resize the merged disk instead".into(),
+            reason: "a differencing disk has its parent's size; resize the merged disk instead"
+                .into(),
         });
     }
     match l.image() {
@@ -540,12 +589,16 @@ fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
         .write(true)
         .open(path)
         .map_err(|e| DiskError::io("open", path, e))?;
-    let old = f.metadata().map_err(|e| DiskError::io("stat", path, e))?.len();
+    let old = f
+        .metadata()
+        .map_err(|e| DiskError::io("stat", path, e))?
+        .len();
     let mut pos = new_size;
     let mut buf = vec![0u8; COPY_CHUNK];
     while pos < old {
         let n = (old - pos).min(COPY_CHUNK as u64) as usize;
-        f.read_exact_at(&mut buf[..n], pos).map_err(|e| DiskError::io("read", path, e))?;
+        f.read_exact_at(&mut buf[..n], pos)
+            .map_err(|e| DiskError::io("read", path, e))?;
         if buf[..n].iter().any(|&b| b != 0) {
             return Err(DiskError::Refused {
                 path: path.to_path_buf(),
@@ -554,7 +607,8 @@ fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
         }
         pos += n as u64;
     }
-    f.set_len(new_size).map_err(|e| DiskError::io("truncate", path, e))?;
+    f.set_len(new_size)
+        .map_err(|e| DiskError::io("truncate", path, e))?;
     f.sync_all().map_err(|e| DiskError::io("fsync", path, e))
 }
 
@@ -579,7 +633,9 @@ pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> R
             reason,
         })?;
     }
-    let me = child.canonicalize().map_err(|e| DiskError::io("resolve", child, e))?;
+    let me = child
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", child, e))?;
     let siblings: Vec<PathBuf> = find_children(&dir_of(&ppath), &ppath)?
         .into_iter()
         .filter(|s| s.canonicalize().ok().as_ref() != Some(&me))
@@ -589,7 +645,11 @@ pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> R
             path: ppath.clone(),
             reason: format!(
                 "merging changes the parent and would invalidate its other children: {}",
-                siblings.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                siblings
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         });
     }

@@ -33,8 +33,18 @@ fn build_chain_unit(dir: &Path, depth: usize, seed: u64, unit: u64) -> (Vec<Path
 /// bitmap byte whose set bits are followed by clear bits (it shifts without masking),
 /// so chains compared against it are written in 4 KiB units (whole bitmap bytes);
 /// 512-byte granularity is compared against the independent reference only.
-fn build_chain_fmt(dir: &Path, depth: usize, seed: u64, unit: u64, fmt: DiskFormat) -> (Vec<PathBuf>, Vec<u8>) {
-    let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
+fn build_chain_fmt(
+    dir: &Path,
+    depth: usize,
+    seed: u64,
+    unit: u64,
+    fmt: DiskFormat,
+) -> (Vec<PathBuf>, Vec<u8>) {
+    let ext = if fmt == DiskFormat::Vhd {
+        "vhd"
+    } else {
+        "vhdx"
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut reference = vec![0u8; SIZE as usize];
     let base = dir.join(format!("base.{ext}"));
@@ -87,15 +97,23 @@ fn check_chains(fmt: DiskFormat) {
         assert!(st.iter().any(|e| e.state == fv_vdisk::ExtentState::Data));
         drop(d);
         let mnt = VhdiMount::new(top, &dir.path().join("mnt"));
-        assert_eq!(mnt.layers(), depth + 1, "vhdimount resolved the whole chain");
+        assert_eq!(
+            mnt.layers(),
+            depth + 1,
+            "vhdimount resolved the whole chain"
+        );
         let via_fuse = std::fs::read(mnt.file()).unwrap();
-        assert_eq!(via_fuse.len(), reference.len(), "vhdimount size, depth {depth}");
+        assert_eq!(
+            via_fuse.len(),
+            reference.len(),
+            "vhdimount size, depth {depth}"
+        );
         if via_fuse != reference {
             let diffs: Vec<usize> = (0..reference.len() / 512)
                 .filter(|&s| via_fuse[s * 512..(s + 1) * 512] != reference[s * 512..(s + 1) * 512])
                 .collect();
             let s0 = diffs[0] * 512;
-            let kept = dir.into_path();
+            let kept = dir.keep();
             panic!(
                 "vhdimount content differs at depth {depth}: {} sectors, first {:?}; ref {:?} fuse {:?} (kept {})",
                 diffs.len(),
@@ -131,7 +149,9 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
         b.write_at(0, &[1u8; 512]).unwrap();
     }
     match fv_vdisk::open(child, &ro()) {
-        Err(DiskError::BrokenChain { reason, .. }) => assert!(reason.contains("identity"), "{reason}"),
+        Err(DiskError::BrokenChain { reason, .. }) => {
+            assert!(reason.contains("identity"), "{reason}")
+        }
         other => panic!("expected BrokenChain, got {:?}", other.err()),
     }
     let rep = ops::inspect(child).unwrap();
@@ -143,7 +163,10 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
     let d2 = tempfile::tempdir().unwrap();
     let (p2, _) = build_chain(d2.path(), 1, 5);
     std::fs::rename(&p2[0], base).unwrap();
-    assert!(matches!(fv_vdisk::open(child, &ro()), Err(DiskError::BrokenChain { .. })));
+    assert!(matches!(
+        fv_vdisk::open(child, &ro()),
+        Err(DiskError::BrokenChain { .. })
+    ));
 
     // Mixed formats: a VHD child whose parent file is now a VHDX of the same size.
     let d3 = tempfile::tempdir().unwrap();
@@ -156,7 +179,10 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
 
     // Parent missing.
     std::fs::remove_file(base).unwrap();
-    assert!(matches!(fv_vdisk::open(child, &ro()), Err(DiskError::ParentNotFound { .. })));
+    assert!(matches!(
+        fv_vdisk::open(child, &ro()),
+        Err(DiskError::ParentNotFound { .. })
+    ));
 
     // Parent outside the allowed directories (also through a symlink).
     let outside = tempfile::tempdir().unwrap();
@@ -166,11 +192,17 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
     std::fs::copy(&p3[1], &moved).unwrap();
     std::os::unix::fs::symlink(&p3[0], inside.path().join("base.vhd")).unwrap();
     match fv_vdisk::open(&moved, &ro()) {
-        Err(DiskError::ParentNotAllowed { parent, .. }) => assert!(parent.starts_with(outside.path().canonicalize().unwrap())),
+        Err(DiskError::ParentNotAllowed { parent, .. }) => {
+            assert!(parent.starts_with(outside.path().canonicalize().unwrap()))
+        }
         other => panic!("expected ParentNotAllowed, got {:?}", other.err()),
     }
     // Allowed once the policy names that directory.
-    let opts = fv_vdisk::OpenOptions { read_only: true, replay_log: false, policy: PathPolicy::image_dir_only().allow(outside.path()) };
+    let opts = fv_vdisk::OpenOptions {
+        read_only: true,
+        replay_log: false,
+        policy: PathPolicy::image_dir_only().allow(outside.path()),
+    };
     assert_eq!(fv_vdisk::open(&moved, &opts).unwrap().layers().len(), 2);
 
     // Cycle: a child whose parent locator points at itself (a chain a -> b -> a).
@@ -200,5 +232,8 @@ fn self_cycle_is_cyclic_chain() {
     let spec = ops::parent_spec(c, c, &l).unwrap();
     l.image().unwrap().set_parent(&spec).unwrap();
     drop(l);
-    assert!(matches!(fv_vdisk::open(c, &ro()), Err(DiskError::CyclicChain { .. })));
+    assert!(matches!(
+        fv_vdisk::open(c, &ro()),
+        Err(DiskError::CyclicChain { .. })
+    ));
 }

@@ -24,7 +24,9 @@ fn write_of(seed: u64, i: u64) -> (u64, Vec<u8>) {
     // A bijection on 0..slots (slots is a power of two, multiplier odd).
     let slot = (i.wrapping_mul(2 * (seed % 1000) + 1) + seed) % slots;
     let len = 4096 * (1 + (i * 7 + seed) % 16);
-    let data = (0..len).map(|j| (i as u8) ^ ((j / 512) as u8).wrapping_mul(31) ^ (seed as u8) ^ 0x5a).collect();
+    let data = (0..len)
+        .map(|j| (i as u8) ^ ((j / 512) as u8).wrapping_mul(31) ^ (seed as u8) ^ 0x5a)
+        .collect();
     (slot * SLOT, data)
 }
 
@@ -61,19 +63,40 @@ fn crash_child_entry() {
 }
 
 fn trial(dir: &Path, base: &Path, fmt: DiskFormat, n: usize, rng: &mut impl Rng) -> (bool, u64) {
-    let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
+    let ext = if fmt == DiskFormat::Vhd {
+        "vhd"
+    } else {
+        "vhdx"
+    };
     let child = dir.join(format!("t{n}.{ext}"));
     // qemu cannot open differencing VHDX files, so every other VHDX trial writes a
     // dynamic disk that `qemu-img check` can judge too.
     let standalone = fmt == DiskFormat::Vhdx && n % 2 == 1;
     if standalone {
-        ops::create(&child, fmt, &CreateSpec { virtual_size: SIZE, kind: DiskKind::Dynamic, block_size: 0, logical_sector_size: 512, physical_sector_size: 512, parent: None }).unwrap();
+        ops::create(
+            &child,
+            fmt,
+            &CreateSpec {
+                virtual_size: SIZE,
+                kind: DiskKind::Dynamic,
+                block_size: 0,
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+                parent: None,
+            },
+        )
+        .unwrap();
     } else {
         ops::create_differencing(&child, base, 0).unwrap();
     }
     let seed: u64 = rng.gen_range(0..1_000_000);
     let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ENV, format!("{}|{seed}", child.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -81,29 +104,50 @@ fn trial(dir: &Path, base: &Path, fmt: DiskFormat, n: usize, rng: &mut impl Rng)
         .unwrap();
     let stdout = proc.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
-        BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
     });
     std::thread::sleep(Duration::from_millis(rng.gen_range(10..250)));
     // SIGKILL via Child::kill; always reaped.
     let _ = proc.kill();
     let _ = proc.wait();
     let lines = reader.join().unwrap();
-    let acked: Option<u64> = lines.iter().filter_map(|l| l.strip_prefix("ACK ")).filter_map(|v| v.parse().ok()).max();
+    let acked: Option<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .filter_map(|v| v.parse().ok())
+        .max();
     let done = lines.iter().any(|l| l == "DONE");
     // Reopen as the next user would (writable: a VHDX log is replayed), then check.
-    drop(fv_vdisk::open(&child, &rw()).unwrap_or_else(|e| panic!("trial {n} ({fmt:?}): writable reopen failed: {e}")));
-    let disk = fv_vdisk::open(&child, &ro()).unwrap_or_else(|e| panic!("trial {n} ({fmt:?}): reopen failed: {e}"));
+    drop(
+        fv_vdisk::open(&child, &rw())
+            .unwrap_or_else(|e| panic!("trial {n} ({fmt:?}): writable reopen failed: {e}")),
+    );
+    let disk = fv_vdisk::open(&child, &ro())
+        .unwrap_or_else(|e| panic!("trial {n} ({fmt:?}): reopen failed: {e}"));
     let rep = ops::check(&child, false).unwrap();
-    assert!(rep.is_clean(), "trial {n} ({fmt:?}): check errors {:?}", rep.errors);
+    assert!(
+        rep.is_clean(),
+        "trial {n} ({fmt:?}): check errors {:?}",
+        rep.errors
+    );
     if standalone {
-        run("qemu-img", &["check", "-f", "vhdx", child.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &["check", "-f", "vhdx", child.to_str().unwrap()],
+        );
     }
     if let Some(last) = acked {
         for i in 0..=last {
             let (off, data) = write_of(seed, i);
             let mut got = vec![0u8; data.len()];
             disk.read_at(off, &mut got).unwrap();
-            assert!(got == data, "trial {n} ({fmt:?}, seed {seed}): acknowledged write {i} at {off} lost");
+            assert!(
+                got == data,
+                "trial {n} ({fmt:?}, seed {seed}): acknowledged write {i} at {off} lost"
+            );
         }
     }
     drop(disk);
@@ -117,9 +161,25 @@ fn run_trials(count: usize, seed: u64) {
     let mut total_acked = 0;
     let mut completed = 0;
     for fmt in [DiskFormat::Vhd, DiskFormat::Vhdx] {
-        let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
+        let ext = if fmt == DiskFormat::Vhd {
+            "vhd"
+        } else {
+            "vhdx"
+        };
         let base = dir.path().join(format!("base.{ext}"));
-        ops::create(&base, fmt, &CreateSpec { virtual_size: SIZE, kind: DiskKind::Dynamic, block_size: 0, logical_sector_size: 512, physical_sector_size: 512, parent: None }).unwrap();
+        ops::create(
+            &base,
+            fmt,
+            &CreateSpec {
+                virtual_size: SIZE,
+                kind: DiskKind::Dynamic,
+                block_size: 0,
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+                parent: None,
+            },
+        )
+        .unwrap();
         {
             let d = fv_vdisk::open(&base, &rw()).unwrap();
             d.write_at(0, &vec![0xeeu8; 1 << 20]).unwrap();

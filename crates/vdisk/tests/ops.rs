@@ -42,39 +42,105 @@ fn convert_round_trip_raw_vhdx_vhd_raw_and_qcow2() {
     let vhdx = d.join("a.vhdx");
     let vhd = d.join("b.vhd");
     let back = d.join("c.raw");
-    ops::convert(&raw, &vhdx, DiskFormat::Vhdx, DiskKind::Dynamic, &mut no_progress()).unwrap();
-    ops::convert(&vhdx, &vhd, DiskFormat::Vhd, DiskKind::Dynamic, &mut no_progress()).unwrap();
-    ops::convert(&vhd, &back, DiskFormat::Raw, DiskKind::Fixed, &mut no_progress()).unwrap();
+    ops::convert(
+        &raw,
+        &vhdx,
+        DiskFormat::Vhdx,
+        DiskKind::Dynamic,
+        &mut no_progress(),
+    )
+    .unwrap();
+    ops::convert(
+        &vhdx,
+        &vhd,
+        DiskFormat::Vhd,
+        DiskKind::Dynamic,
+        &mut no_progress(),
+    )
+    .unwrap();
+    ops::convert(
+        &vhd,
+        &back,
+        DiskFormat::Raw,
+        DiskKind::Fixed,
+        &mut no_progress(),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), reference);
     assert_eq!(std::fs::read(&raw).unwrap(), src_before, "source untouched");
     assert!(!d.join("b.vhd.partial").exists());
     // Real peers agree.
-    run("qemu-img", &["compare", "-f", "vhdx", "-F", "raw", s(&vhdx), s(&raw)]);
-    run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", s(&vhd), s(&raw)]);
+    run(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&vhdx), s(&raw)],
+    );
+    run(
+        "qemu-img",
+        &["compare", "-f", "vpc", "-F", "raw", s(&vhd), s(&raw)],
+    );
     run("qemu-img", &["check", "-f", "vhdx", s(&vhdx)]);
     // Dynamic targets store only data: much smaller than the virtual size... unless the data is dense.
     let fixed = d.join("f.vhd");
-    ops::convert(&vhd, &fixed, DiskFormat::Vhd, DiskKind::Fixed, &mut no_progress()).unwrap();
-    run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", s(&fixed), s(&raw)]);
+    ops::convert(
+        &vhd,
+        &fixed,
+        DiskFormat::Vhd,
+        DiskKind::Fixed,
+        &mut no_progress(),
+    )
+    .unwrap();
+    run(
+        "qemu-img",
+        &["compare", "-f", "vpc", "-F", "raw", s(&fixed), s(&raw)],
+    );
     assert_eq!(std::fs::metadata(&fixed).unwrap().len(), size + 512);
     // Existing destinations are refused.
     assert!(matches!(
-        ops::convert(&raw, &vhd, DiskFormat::Vhd, DiskKind::Dynamic, &mut no_progress()),
+        ops::convert(
+            &raw,
+            &vhd,
+            DiskFormat::Vhd,
+            DiskKind::Dynamic,
+            &mut no_progress()
+        ),
         Err(DiskError::Refused { .. })
     ));
     // qcow2 source (made by qemu-img from the raw reference).
     let q = d.join("q.qcow2");
-    run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)]);
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)],
+    );
     let fromq = d.join("fromq.vhdx");
-    ops::convert(&q, &fromq, DiskFormat::Vhdx, DiskKind::Dynamic, &mut no_progress()).unwrap();
-    run("qemu-img", &["compare", "-f", "vhdx", "-F", "raw", s(&fromq), s(&raw)]);
+    ops::convert(
+        &q,
+        &fromq,
+        DiskFormat::Vhdx,
+        DiskKind::Dynamic,
+        &mut no_progress(),
+    )
+    .unwrap();
+    run(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&fromq), s(&raw)],
+    );
     // No temporary left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(d).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("qcow2-src")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("qcow2-src"))
+        .collect();
     assert!(leftovers.is_empty());
     // Cancelling leaves no output.
     let cancelled = d.join("x.vhd");
     assert!(matches!(
-        ops::convert(&raw, &cancelled, DiskFormat::Vhd, DiskKind::Dynamic, &mut |_, _| false),
+        ops::convert(
+            &raw,
+            &cancelled,
+            DiskFormat::Vhd,
+            DiskKind::Dynamic,
+            &mut |_, _| false
+        ),
         Err(DiskError::Cancelled)
     ));
     assert!(!cancelled.exists() && !d.join("x.vhd.partial").exists());
@@ -96,7 +162,13 @@ fn convert_checks_free_space() {
     let _g = Umount(mnt.clone());
     let src = dir.path().join("s.vhd");
     ops::create(&src, DiskFormat::Vhd, &spec(64 << 20, DiskKind::Dynamic)).unwrap();
-    let r = ops::convert(&src, &mnt.join("d.vhd"), DiskFormat::Vhd, DiskKind::Fixed, &mut no_progress());
+    let r = ops::convert(
+        &src,
+        &mnt.join("d.vhd"),
+        DiskFormat::Vhd,
+        DiskKind::Fixed,
+        &mut no_progress(),
+    );
     assert!(matches!(r, Err(DiskError::NoSpace { .. })), "{:?}", r.err());
     assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
 }
@@ -137,16 +209,28 @@ fn resize_rules() {
     let d = dir.path();
     let p = d.join("r.vhd");
     ops::create(&p, DiskFormat::Vhd, &spec(16 << 20, DiskKind::Dynamic)).unwrap();
-    fv_vdisk::open(&p, &rw()).unwrap().write_at(10 << 20, &[7u8; 4096]).unwrap();
+    fv_vdisk::open(&p, &rw())
+        .unwrap()
+        .write_at(10 << 20, &[7u8; 4096])
+        .unwrap();
     ops::resize(&p, 64 << 20).unwrap();
-    assert!(matches!(ops::resize(&p, 8 << 20), Err(DiskError::Refused { .. })), "shrink over data");
+    assert!(
+        matches!(ops::resize(&p, 8 << 20), Err(DiskError::Refused { .. })),
+        "shrink over data"
+    );
     ops::resize(&p, 12 << 20).unwrap();
     let info = run("qemu-img", &["info", "--output=json", "-f", "vpc", s(&p)]);
-    assert!(info.contains(&format!("\"virtual-size\": {}", 12u64 << 20)), "{info}");
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 12u64 << 20)),
+        "{info}"
+    );
     // Fixed VHD grows too.
     let f = d.join("f.vhd");
     ops::create(&f, DiskFormat::Vhd, &spec(4 << 20, DiskKind::Fixed)).unwrap();
-    fv_vdisk::open(&f, &rw()).unwrap().write_at(0, &[1u8; 512]).unwrap();
+    fv_vdisk::open(&f, &rw())
+        .unwrap()
+        .write_at(0, &[1u8; 512])
+        .unwrap();
     ops::resize(&f, 8 << 20).unwrap();
     let dev = fv_vdisk::open(&f, &ro()).unwrap();
     assert_eq!(dev.size(), 8 << 20);
@@ -157,8 +241,14 @@ fn resize_rules() {
     // A disk with children cannot be resized; neither can a differencing disk.
     let c = d.join("child.vhd");
     ops::create_differencing(&c, &p, 0).unwrap();
-    assert!(matches!(ops::resize(&p, 32 << 20), Err(DiskError::Refused { .. })));
-    assert!(matches!(ops::resize(&c, 32 << 20), Err(DiskError::Refused { .. })));
+    assert!(matches!(
+        ops::resize(&p, 32 << 20),
+        Err(DiskError::Refused { .. })
+    ));
+    assert!(matches!(
+        ops::resize(&c, 32 << 20),
+        Err(DiskError::Refused { .. })
+    ));
     assert_eq!(ops::find_children(d, &p).unwrap(), vec![c.clone()]);
 }
 
@@ -167,17 +257,33 @@ fn merge_into_parent_and_sibling_refusal_and_merge_to_new() {
     for fmt in [DiskFormat::Vhd, DiskFormat::Vhdx] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
+        let ext = if fmt == DiskFormat::Vhd {
+            "vhd"
+        } else {
+            "vhdx"
+        };
         let base = d.join(format!("base.{ext}"));
         ops::create(&base, fmt, &spec(16 << 20, DiskKind::Dynamic)).unwrap();
         let mut reference = vec![0u8; 16 << 20];
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        scribble(&mut rng, &fv_vdisk::open(&base, &rw()).unwrap(), &mut reference, 10, 4096);
+        scribble(
+            &mut rng,
+            &fv_vdisk::open(&base, &rw()).unwrap(),
+            &mut reference,
+            10,
+            4096,
+        );
         let a = d.join(format!("a.{ext}"));
         let b = d.join(format!("b.{ext}"));
         ops::create_differencing(&a, &base, 0).unwrap();
         ops::create_differencing(&b, &base, 0).unwrap();
-        scribble(&mut rng, &fv_vdisk::open(&a, &rw()).unwrap(), &mut reference, 10, 4096);
+        scribble(
+            &mut rng,
+            &fv_vdisk::open(&a, &rw()).unwrap(),
+            &mut reference,
+            10,
+            4096,
+        );
         // Flatten into a new disk first (originals kept).
         let flat = d.join(format!("flat.{ext}"));
         ops::merge_to_new(&a, &flat, fmt, DiskKind::Dynamic, &mut no_progress()).unwrap();
@@ -190,9 +296,16 @@ fn merge_into_parent_and_sibling_refusal_and_merge_to_new() {
         }
         ops::merge_into_parent(&a, true, &mut no_progress()).unwrap();
         assert!(!a.exists());
-        assert_eq!(read_all(&fv_vdisk::open(&base, &ro()).unwrap()), reference, "{fmt:?}");
+        assert_eq!(
+            read_all(&fv_vdisk::open(&base, &ro()).unwrap()),
+            reference,
+            "{fmt:?}"
+        );
         // The sibling is now broken, with a clear error.
-        assert!(matches!(fv_vdisk::open(&b, &ro()), Err(DiskError::BrokenChain { .. })));
+        assert!(matches!(
+            fv_vdisk::open(&b, &ro()),
+            Err(DiskError::BrokenChain { .. })
+        ));
         if fmt == DiskFormat::Vhdx {
             run("qemu-img", &["check", "-f", "vhdx", s(&base)]);
         }
@@ -204,21 +317,40 @@ fn set_parent_after_moving_files_and_inspect() {
     for fmt in [DiskFormat::Vhd, DiskFormat::Vhdx] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let ext = if fmt == DiskFormat::Vhd { "vhd" } else { "vhdx" };
+        let ext = if fmt == DiskFormat::Vhd {
+            "vhd"
+        } else {
+            "vhdx"
+        };
         let base = d.join(format!("base.{ext}"));
         ops::create(&base, fmt, &spec(8 << 20, DiskKind::Dynamic)).unwrap();
         let mut reference = vec![0u8; 8 << 20];
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        scribble(&mut rng, &fv_vdisk::open(&base, &rw()).unwrap(), &mut reference, 8, 4096);
+        scribble(
+            &mut rng,
+            &fv_vdisk::open(&base, &rw()).unwrap(),
+            &mut reference,
+            8,
+            4096,
+        );
         let child = d.join(format!("child.{ext}"));
         ops::create_differencing(&child, &base, 0).unwrap();
-        scribble(&mut rng, &fv_vdisk::open(&child, &rw()).unwrap(), &mut reference, 8, 4096);
+        scribble(
+            &mut rng,
+            &fv_vdisk::open(&child, &rw()).unwrap(),
+            &mut reference,
+            8,
+            4096,
+        );
         // Move the parent into a subdirectory: the chain no longer resolves.
         let sub = d.join("parents");
         std::fs::create_dir(&sub).unwrap();
         let moved = sub.join(format!("base.{ext}"));
         std::fs::rename(&base, &moved).unwrap();
-        assert!(matches!(fv_vdisk::open(&child, &ro()), Err(DiskError::ParentNotFound { .. })));
+        assert!(matches!(
+            fv_vdisk::open(&child, &ro()),
+            Err(DiskError::ParentNotFound { .. })
+        ));
         let rep = ops::inspect(&child).unwrap();
         assert!(!rep.top.parent.as_ref().unwrap().verified);
         // Reconnect; both locators are rewritten; the chain verifies again.
@@ -229,8 +361,17 @@ fn set_parent_after_moving_files_and_inspect() {
         let rep = ops::inspect(&child).unwrap();
         let link = rep.top.parent.as_ref().unwrap();
         assert!(link.verified, "{link:?}");
-        assert_eq!(link.locator.relative_path.as_deref().map(|p| p.trim_start_matches("./")), Some(format!("parents/base.{ext}").as_str()));
-        assert_eq!(link.locator.absolute_path.as_deref(), Some(moved.canonicalize().unwrap().to_str().unwrap()));
+        assert_eq!(
+            link.locator
+                .relative_path
+                .as_deref()
+                .map(|p| p.trim_start_matches("./")),
+            Some(format!("parents/base.{ext}").as_str())
+        );
+        assert_eq!(
+            link.locator.absolute_path.as_deref(),
+            Some(moved.canonicalize().unwrap().to_str().unwrap())
+        );
         let json = serde_json::to_value(&rep).unwrap();
         assert_eq!(json["type"], "differencing");
         assert_eq!(json["format"], ext);
@@ -239,7 +380,10 @@ fn set_parent_after_moving_files_and_inspect() {
         // A different disk as the new parent is refused unless forced.
         let other = d.join(format!("other.{ext}"));
         ops::create(&other, fmt, &spec(8 << 20, DiskKind::Dynamic)).unwrap();
-        assert!(matches!(ops::set_parent(&child, &other, false), Err(DiskError::BrokenChain { .. })));
+        assert!(matches!(
+            ops::set_parent(&child, &other, false),
+            Err(DiskError::BrokenChain { .. })
+        ));
         assert!(ops::check(&child, false).unwrap().is_clean());
         // vhdimount agrees after the move. (For VHDX, libvhdi looks for the parent's base
         // name in the child's directory only, so it cannot follow a moved VHDX parent.)

@@ -135,7 +135,11 @@ impl Footer {
         Footer {
             features: 2,
             version: 0x0001_0000,
-            data_offset: if disk_type == DISK_FIXED { u64::MAX } else { 512 },
+            data_offset: if disk_type == DISK_FIXED {
+                u64::MAX
+            } else {
+                512
+            },
             timestamp: now_vhd(),
             creator_app: *CREATOR_APP,
             creator_version: CREATOR_VERSION,
@@ -184,7 +188,9 @@ impl Footer {
         let stored = be32(b, 64);
         let computed = checksum(b, 64);
         if stored != computed {
-            return Err(format!("footer checksum {stored:#010x} != computed {computed:#010x}"));
+            return Err(format!(
+                "footer checksum {stored:#010x} != computed {computed:#010x}"
+            ));
         }
         let version = be32(b, 12);
         if version >> 16 != 1 {
@@ -195,8 +201,10 @@ impl Footer {
             return Err(format!("unsupported disk type {disk_type}"));
         }
         let current_size = be64(b, 48);
-        if current_size % SECTOR != 0 {
-            return Err(format!("current size {current_size} is not a multiple of 512"));
+        if !current_size.is_multiple_of(SECTOR) {
+            return Err(format!(
+                "current size {current_size} is not a multiple of 512"
+            ));
         }
         if current_size > MAX_SIZE {
             return Err(format!("current size {current_size} exceeds 2 TiB"));
@@ -293,7 +301,9 @@ impl DynHeader {
         }
         let max_table_entries = be32(b, 28);
         if max_table_entries > MAX_TABLE_ENTRIES {
-            return Err(format!("max table entries {max_table_entries} exceeds {MAX_TABLE_ENTRIES}"));
+            return Err(format!(
+                "max table entries {max_table_entries} exceeds {MAX_TABLE_ENTRIES}"
+            ));
         }
         let mut id = [0u8; 16];
         id.copy_from_slice(&b[40..56]);
@@ -354,9 +364,9 @@ pub fn decode_locator(code: u32, data: &[u8]) -> Option<String> {
             // A file URL in UTF-8, e.g. file://localhost/Users/x/base.vhd
             let end = data.iter().position(|&c| c == 0).unwrap_or(data.len());
             let s = String::from_utf8_lossy(&data[..end]).into_owned();
-            let s = s.strip_prefix("file://").map(|r| {
-                r.strip_prefix("localhost").unwrap_or(r).to_string()
-            });
+            let s = s
+                .strip_prefix("file://")
+                .map(|r| r.strip_prefix("localhost").unwrap_or(r).to_string());
             s.or_else(|| Some(String::from_utf8_lossy(&data[..end]).into_owned()))
         }
         // "Mac " holds a binary Mac OS alias record we cannot resolve on Linux.

@@ -93,7 +93,7 @@ fn run_len(bm: &[u8], start: u64, max: u64, v: bool) -> u64 {
     let mut n = 0;
     while n < max {
         let i = start + n;
-        if i % 8 == 0 && max - n >= 8 && bm.get((i / 8) as usize) == Some(&full) {
+        if i.is_multiple_of(8) && max - n >= 8 && bm.get((i / 8) as usize) == Some(&full) {
             n += 8;
             continue;
         }
@@ -172,7 +172,7 @@ impl VhdFile {
     }
 
     fn aligned(offset: u64, len: u64) -> Result<()> {
-        if offset % SECTOR != 0 || len % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(DiskError::Unaligned {
                 offset,
                 len,
@@ -195,7 +195,9 @@ impl VhdFile {
             .len();
         let corrupt = |r: String| DiskError::corrupt(path, FMT, r);
         if len < SECTOR {
-            return Err(corrupt(format!("file is {len} bytes, shorter than a footer")));
+            return Err(corrupt(format!(
+                "file is {len} bytes, shorter than a footer"
+            )));
         }
         let rd = |buf: &mut [u8], off: u64| {
             file.read_exact_at(buf, off)
@@ -235,7 +237,9 @@ impl VhdFile {
         } else {
             let hoff = footer.data_offset;
             if hoff % SECTOR != 0 || hoff.checked_add(1024).is_none_or(|e| e > len) {
-                return Err(corrupt(format!("dynamic header offset {hoff} is outside the file")));
+                return Err(corrupt(format!(
+                    "dynamic header offset {hoff} is outside the file"
+                )));
             }
             let mut hb = [0u8; 1024];
             rd(&mut hb, hoff)?;
@@ -250,7 +254,10 @@ impl VhdFile {
             }
             let bat_len = u64::from(h.max_table_entries) * 4;
             if h.table_offset.checked_add(bat_len).is_none_or(|e| e > len) {
-                return Err(corrupt(format!("BAT at {} runs past the end of the file", h.table_offset)));
+                return Err(corrupt(format!(
+                    "BAT at {} runs past the end of the file",
+                    h.table_offset
+                )));
             }
             let mut raw = vec![0u8; bat_len as usize];
             rd(&mut raw, h.table_offset)?;
@@ -298,7 +305,10 @@ impl VhdFile {
                         locator_problems.push(format!("locator {i}: bad length {}", l.data_len));
                         continue;
                     }
-                    if l.data_offset.checked_add(u64::from(l.data_len)).is_none_or(|e| e > len) {
+                    if l.data_offset
+                        .checked_add(u64::from(l.data_len))
+                        .is_none_or(|e| e > len)
+                    {
                         locator_problems.push(format!("locator {i}: data outside the file"));
                         continue;
                     }
@@ -378,21 +388,34 @@ impl VhdFile {
                 ));
             }
         }
-        if size == 0 || size % SECTOR != 0 {
-            return bad(format!("VHD size {size} must be a non-zero multiple of 512"));
+        if size == 0 || !size.is_multiple_of(SECTOR) {
+            return bad(format!(
+                "VHD size {size} must be a non-zero multiple of 512"
+            ));
         }
         if size > MAX_CREATE_SIZE {
-            return bad(format!("VHD size {size} exceeds the format's 2040 GiB limit"));
+            return bad(format!(
+                "VHD size {size} exceeds the format's 2040 GiB limit"
+            ));
         }
         if !matches!(spec.logical_sector_size, 0 | 512) {
             return Err(DiskError::Unsupported {
                 path: path.to_path_buf(),
-                what: format!("VHD sectors are 512 bytes, not {}", spec.logical_sector_size),
+                what: format!(
+                    "VHD sectors are 512 bytes, not {}",
+                    spec.logical_sector_size
+                ),
             });
         }
-        let block = if spec.block_size == 0 { DEFAULT_BLOCK } else { spec.block_size };
+        let block = if spec.block_size == 0 {
+            DEFAULT_BLOCK
+        } else {
+            spec.block_size
+        };
         if !block.is_power_of_two() || !(MIN_CREATE_BLOCK..=MAX_BLOCK).contains(&block) {
-            return bad(format!("VHD block size {block} must be a power of two from 512 KiB to 256 MiB"));
+            return bad(format!(
+                "VHD block size {block} must be a power of two from 512 KiB to 256 MiB"
+            ));
         }
         let disk_type = match spec.kind {
             DiskKind::Fixed => DISK_FIXED,
@@ -400,7 +423,9 @@ impl VhdFile {
             DiskKind::Differencing => DISK_DIFFERENCING,
         };
         let parent = match (spec.kind, &spec.parent) {
-            (DiskKind::Differencing, None) => return bad("a differencing disk needs a parent".into()),
+            (DiskKind::Differencing, None) => {
+                return bad("a differencing disk needs a parent".into())
+            }
             (DiskKind::Differencing, Some(p)) => Some(p),
             _ => None,
         };
@@ -417,7 +442,8 @@ impl VhdFile {
         };
         let result = (|| {
             if disk_type == DISK_FIXED {
-                file.set_len(size).map_err(|e| DiskError::io("truncate", path, e))?;
+                file.set_len(size)
+                    .map_err(|e| DiskError::io("truncate", path, e))?;
                 w(&footer.to_bytes(), size)?;
             } else {
                 let entries = size.div_ceil(u64::from(block));
@@ -474,7 +500,10 @@ impl VhdFile {
             return Ok(b.clone());
         }
         let (_, bml) = Self::geometry(m).ok_or_else(|| self.corrupt("no dynamic header"))?;
-        let e = *m.bat.get(bi as usize).ok_or_else(|| self.corrupt("block index out of range"))?;
+        let e = *m
+            .bat
+            .get(bi as usize)
+            .ok_or_else(|| self.corrupt("block index out of range"))?;
         let mut b = vec![0u8; bml as usize];
         self.pread(&mut b, u64::from(e) * SECTOR)?;
         let a = Arc::new(b);
@@ -524,7 +553,7 @@ impl VhdFile {
 
     fn allocate(&self, m: &mut Meta, bi: u32) -> Result<u64> {
         let (bs, bml) = Self::geometry(m).ok_or_else(|| self.corrupt("no dynamic header"))?;
-        if m.end % SECTOR != 0 {
+        if !m.end.is_multiple_of(SECTOR) {
             m.end = round512(m.end);
         }
         let zero = vec![0u8; bml as usize];
@@ -538,17 +567,27 @@ impl VhdFile {
         Ok(at)
     }
 
-    fn read_dynamic(&self, offset: u64, buf: &mut [u8], absent: &mut Vec<Range<u64>>) -> Result<()> {
+    fn read_dynamic(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        absent: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
         let mut pos = 0u64;
         let total = buf.len() as u64;
         while pos < total {
             let abs = offset + pos;
             let (bs, bml, entry, bm) = {
                 let mut m = self.meta.lock();
-                let (bs, bml) = Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
+                let (bs, bml) =
+                    Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
                 let bi = (abs / bs) as u32;
                 let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
-                let bm = if e == BAT_UNUSED { None } else { Some(self.load_bitmap(&mut m, bi)?) };
+                let bm = if e == BAT_UNUSED {
+                    None
+                } else {
+                    Some(self.load_bitmap(&mut m, bi)?)
+                };
                 (bs, bml, e, bm)
             };
             let in_blk = abs % bs;
@@ -587,10 +626,15 @@ impl VhdFile {
             let abs = offset + pos;
             let (bs, bml, blk) = {
                 let mut m = self.meta.lock();
-                let (bs, bml) = Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
+                let (bs, bml) =
+                    Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
                 let bi = (abs / bs) as u32;
                 let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
-                let blk = if e == BAT_UNUSED { self.allocate(&mut m, bi)? } else { u64::from(e) * SECTOR };
+                let blk = if e == BAT_UNUSED {
+                    self.allocate(&mut m, bi)?
+                } else {
+                    u64::from(e) * SECTOR
+                };
                 (bs, bml, blk)
             };
             let in_blk = abs % bs;
@@ -600,7 +644,12 @@ impl VhdFile {
             let bi = (abs / bs) as u32;
             self.load_bitmap(&mut m, bi)?;
             if let Some(a) = m.bitmaps.get_mut(&bi) {
-                set_bits(Arc::make_mut(a).as_mut_slice(), in_blk / SECTOR, n / SECTOR, true);
+                set_bits(
+                    Arc::make_mut(a).as_mut_slice(),
+                    in_blk / SECTOR,
+                    n / SECTOR,
+                    true,
+                );
             }
             m.dirty_bitmaps.insert(bi);
             pos += n;
@@ -620,7 +669,12 @@ impl VhdFile {
             if m.bat.get(bi as usize).is_some_and(|&e| e != BAT_UNUSED) {
                 self.load_bitmap(&mut m, bi)?;
                 if let Some(a) = m.bitmaps.get_mut(&bi) {
-                    set_bits(Arc::make_mut(a).as_mut_slice(), in_blk / SECTOR, n / SECTOR, false);
+                    set_bits(
+                        Arc::make_mut(a).as_mut_slice(),
+                        in_blk / SECTOR,
+                        n / SECTOR,
+                        false,
+                    );
                 }
                 m.dirty_bitmaps.insert(bi);
             }
@@ -632,7 +686,10 @@ impl VhdFile {
     /// Write dirty bitmaps and BAT sectors (after the data they describe is durable).
     fn flush_meta(&self, m: &mut Meta) -> Result<()> {
         if m.dirty_bitmaps.is_empty() && m.dirty_bat.is_empty() {
-            return self.file.sync_data().map_err(|e| DiskError::io("fsync", &self.path, e));
+            return self
+                .file
+                .sync_data()
+                .map_err(|e| DiskError::io("fsync", &self.path, e));
         }
         self.sync()?;
         let dirty: Vec<u32> = std::mem::take(&mut m.dirty_bitmaps).into_iter().collect();
@@ -661,7 +718,8 @@ impl VhdFile {
 
     /// Used file intervals other than blocks: footer copy, header, locators, BAT.
     fn meta_ranges(m: &Meta) -> Vec<Range<u64>> {
-        let mut v = vec![0..SECTOR];
+        let mut v: Vec<Range<u64>> = Vec::with_capacity(12);
+        v.push(0..SECTOR);
         if let Some(h) = &m.header {
             v.push(m.footer.data_offset..m.footer.data_offset + 1024);
             v.push(h.table_offset..round512(h.table_offset + u64::from(h.max_table_entries) * 4));
@@ -689,7 +747,11 @@ impl VhdFile {
         let need = round512(data.len() as u64);
         let mut used = Self::meta_ranges(m);
         if let Some((bs, bml)) = Self::geometry(m) {
-            used.extend(Self::block_ranges(m).into_iter().map(|(o, _)| o..o + bml + bs));
+            used.extend(
+                Self::block_ranges(m)
+                    .into_iter()
+                    .map(|(o, _)| o..o + bml + bs),
+            );
         }
         used.extend(taken.iter().cloned());
         used.sort_by_key(|r| r.start);
@@ -723,7 +785,10 @@ impl VhdFile {
 /// entry order (W2ku absolute, W2ru relative). Data offsets are left for the caller.
 fn apply_parent(h: &mut DynHeader, p: &ParentSpec) -> Result<Vec<Vec<u8>>> {
     let (uid, ts) = match &p.identity {
-        LayerIdentity::Vhd { unique_id, timestamp } => (*unique_id, *timestamp),
+        LayerIdentity::Vhd {
+            unique_id,
+            timestamp,
+        } => (*unique_id, *timestamp),
         other => {
             return Err(DiskError::InvalidArgument(format!(
                 "a VHD can only have a VHD parent (parent identity {other:?})"
@@ -749,7 +814,9 @@ fn apply_parent(h: &mut DynHeader, p: &ParentSpec) -> Result<Vec<Vec<u8>>> {
     let rel = utf16le(&windows_relative(&p.relative_path));
     for d in [&abs, &rel] {
         if d.is_empty() || d.len() as u64 > u64::from(MAX_LOCATOR_LEN) {
-            return Err(DiskError::InvalidArgument("parent path is empty or too long".into()));
+            return Err(DiskError::InvalidArgument(
+                "parent path is empty or too long".into(),
+            ));
         }
     }
     h.locators = Default::default();
@@ -867,7 +934,11 @@ impl Layer for VhdFile {
         let mut m = self.meta.lock();
         check_range(offset, len, m.size)?;
         let Some((bs, _)) = Self::geometry(&m) else {
-            return Ok(vec![Extent { offset, length: len, state: ExtentState::Data }]);
+            return Ok(vec![Extent {
+                offset,
+                length: len,
+                state: ExtentState::Data,
+            }]);
         };
         let mut out = Vec::new();
         let mut pos = offset;
@@ -877,7 +948,11 @@ impl Layer for VhdFile {
             let n = (bs - in_blk).min(offset + len - pos);
             let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
             if e == BAT_UNUSED {
-                out.push(Extent { offset: pos, length: n, state: ExtentState::Absent });
+                out.push(Extent {
+                    offset: pos,
+                    length: n,
+                    state: ExtentState::Absent,
+                });
             } else {
                 let bm = self.load_bitmap(&mut m, bi)?;
                 // Extents may start mid-sector; round the scan to whole sectors.
@@ -892,7 +967,11 @@ impl Layer for VhdFile {
                     out.push(Extent {
                         offset: a,
                         length: b - a,
-                        state: if set { ExtentState::Data } else { ExtentState::Absent },
+                        state: if set {
+                            ExtentState::Data
+                        } else {
+                            ExtentState::Absent
+                        },
                     });
                     i += r;
                 }
@@ -926,7 +1005,10 @@ impl Image for VhdFile {
             )));
         }
         self.flush_meta(&mut m)?;
-        let mut h = m.header.clone().ok_or_else(|| self.corrupt("no dynamic header"))?;
+        let mut h = m
+            .header
+            .clone()
+            .ok_or_else(|| self.corrupt("no dynamic header"))?;
         let datas = apply_parent(&mut h, p)?;
         // New locator data goes into space no current structure uses, so a crash
         // before the header write leaves the old locators intact.
@@ -945,7 +1027,7 @@ impl Image for VhdFile {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.writable()?;
-        if new_size == 0 || new_size % SECTOR != 0 || new_size > MAX_CREATE_SIZE {
+        if new_size == 0 || !new_size.is_multiple_of(SECTOR) || new_size > MAX_CREATE_SIZE {
             return Err(DiskError::InvalidArgument(format!(
                 "VHD size {new_size} must be a non-zero multiple of 512 up to 2040 GiB"
             )));
@@ -957,7 +1039,10 @@ impl Image for VhdFile {
         if new_size == old {
             return Ok(());
         }
-        let refuse = |why: String| DiskError::Refused { path: self.path.clone(), reason: why };
+        let refuse = |why: String| DiskError::Refused {
+            path: self.path.clone(),
+            reason: why,
+        };
         match Self::geometry(&m) {
             None => {
                 if new_size < old {
@@ -967,7 +1052,9 @@ impl Image for VhdFile {
                         let n = (old - pos).min(buf.len() as u64) as usize;
                         self.pread(&mut buf[..n], pos)?;
                         if buf[..n].iter().any(|&b| b != 0) {
-                            return Err(refuse(format!("cannot shrink: data at or after offset {pos}")));
+                            return Err(refuse(format!(
+                                "cannot shrink: data at or after offset {pos}"
+                            )));
                         }
                         pos += n as u64;
                     }
@@ -1008,20 +1095,31 @@ impl Image for VhdFile {
                     }
                 } else {
                     let needed = new_size.div_ceil(bs);
-                    let h = m.header.clone().ok_or_else(|| self.corrupt("no dynamic header"))?;
+                    let h = m
+                        .header
+                        .clone()
+                        .ok_or_else(|| self.corrupt("no dynamic header"))?;
                     if needed > u64::from(h.max_table_entries) {
                         if needed > u64::from(MAX_TABLE_ENTRIES) {
-                            return Err(DiskError::InvalidArgument("size needs too many blocks".into()));
+                            return Err(DiskError::InvalidArgument(
+                                "size needs too many blocks".into(),
+                            ));
                         }
                         let old_len = u64::from(h.max_table_entries) * 4;
                         let new_len = needed * 4;
                         // Room after the current BAT up to the next structure?
                         let mut used = Self::meta_ranges(&m);
-                        used.extend(Self::block_ranges(&m).into_iter().map(|(o, _)| o..o + bml + bs));
+                        used.extend(
+                            Self::block_ranges(&m)
+                                .into_iter()
+                                .map(|(o, _)| o..o + bml + bs),
+                        );
                         let limit = used
                             .iter()
                             .map(|r| r.start)
-                            .filter(|&s| s >= h.table_offset + old_len.max(1) && s != h.table_offset)
+                            .filter(|&s| {
+                                s >= h.table_offset + old_len.max(1) && s != h.table_offset
+                            })
                             .min()
                             .unwrap_or(m.end)
                             .min(m.end);
@@ -1031,7 +1129,8 @@ impl Image for VhdFile {
                             self.pwrite(&fill, h.table_offset + old_len)?;
                         } else {
                             // Move the BAT to the end of the file.
-                            let mut bytes: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+                            let mut bytes: Vec<u8> =
+                                m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
                             bytes.resize(round512(new_len) as usize, 0xFF);
                             let at = self.append(&mut m, bytes.len() as u64, &bytes)?;
                             nh.table_offset = at;
@@ -1098,7 +1197,11 @@ impl Image for VhdFile {
         self.flush_meta(&mut m)?;
         // Pass 2: slide live blocks down into the freed space, one durable step each.
         let live = Self::block_ranges(&m);
-        let meta_end = Self::meta_ranges(&m).iter().map(|r| r.end).max().unwrap_or(SECTOR);
+        let meta_end = Self::meta_ranges(&m)
+            .iter()
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(SECTOR);
         let first_block = live.first().map_or(u64::MAX, |b| b.0);
         let mut target = Self::meta_ranges(&m)
             .iter()
@@ -1112,7 +1215,9 @@ impl Image for VhdFile {
                 return Err(DiskError::Cancelled);
             }
             let bt = bml + bs;
-            let collides = Self::meta_ranges(&m).iter().any(|r| r.start < target + bt && r.end > target);
+            let collides = Self::meta_ranges(&m)
+                .iter()
+                .any(|r| r.start < target + bt && r.end > target);
             if off > target && target + bt <= off && !collides {
                 self.pread(&mut buf, off)?;
                 self.pwrite(&buf, target)?;
@@ -1156,42 +1261,62 @@ impl Image for VhdFile {
             .map_err(|e| DiskError::io("stat", &self.path, e))?
             .len();
         if m.footer_missing {
-            r.errors.push("footer at the end of the file is missing or damaged (copy at offset 0 is intact)".into());
+            r.errors.push(
+                "footer at the end of the file is missing or damaged (copy at offset 0 is intact)"
+                    .into(),
+            );
             if repair {
                 self.pwrite(&m.footer.to_bytes(), m.end)?;
-                self.file.set_len(m.end + SECTOR).map_err(|e| DiskError::io("truncate", &self.path, e))?;
+                self.file
+                    .set_len(m.end + SECTOR)
+                    .map_err(|e| DiskError::io("truncate", &self.path, e))?;
                 self.sync()?;
                 m.footer_missing = false;
-                r.repaired.push("rewrote the footer at the end of the file".into());
+                r.repaired
+                    .push("rewrote the footer at the end of the file".into());
             }
         }
         let Some((bs, bml)) = Self::geometry(&m) else {
             if len - SECTOR > m.size {
-                r.warnings.push(format!("{} bytes between the data and the footer", len - SECTOR - m.size));
+                r.warnings.push(format!(
+                    "{} bytes between the data and the footer",
+                    len - SECTOR - m.size
+                ));
             }
             return Ok(r);
         };
         let mut first = [0u8; 512];
         self.pread(&mut first, 0)?;
         if Footer::parse(&first).ok().as_ref() != Some(&m.footer) {
-            r.warnings.push("footer copy at offset 0 differs from the footer at the end".into());
+            r.warnings
+                .push("footer copy at offset 0 differs from the footer at the end".into());
             if repair {
                 self.pwrite(&m.footer.to_bytes(), 0)?;
                 self.sync()?;
-                r.repaired.push("rewrote the footer copy at offset 0".into());
+                r.repaired
+                    .push("rewrote the footer copy at offset 0".into());
             }
         }
         for p in &self.locator_problems {
             r.errors.push(p.clone());
         }
-        if self.info.kind == DiskKind::Differencing && self.locator.as_ref().is_some_and(|l| l.relative_path.is_none() && l.absolute_path.is_none()) {
-            r.errors.push("differencing disk has no usable parent locator".into());
+        if self.info.kind == DiskKind::Differencing
+            && self
+                .locator
+                .as_ref()
+                .is_some_and(|l| l.relative_path.is_none() && l.absolute_path.is_none())
+        {
+            r.errors
+                .push("differencing disk has no usable parent locator".into());
         }
         let needed = m.size.div_ceil(bs) as usize;
         let meta = Self::meta_ranges(&m);
         for mr in &meta {
             if mr.end > m.end + SECTOR {
-                r.errors.push(format!("metadata {}..{} lies past the end footer", mr.start, mr.end));
+                r.errors.push(format!(
+                    "metadata {}..{} lies past the end footer",
+                    mr.start, mr.end
+                ));
             }
         }
         let blocks = Self::block_ranges(&m);
@@ -1200,23 +1325,30 @@ impl Image for VhdFile {
         let mut used: u64 = meta.iter().map(|x| x.end - x.start).sum();
         for &(off, bi) in &blocks {
             if bi as usize >= needed {
-                r.warnings.push(format!("BAT entry {bi} beyond the disk size is allocated"));
+                r.warnings
+                    .push(format!("BAT entry {bi} beyond the disk size is allocated"));
             }
             if off < prev_end {
-                r.errors.push(format!("block {bi} at {off} overlaps the previous block"));
+                r.errors
+                    .push(format!("block {bi} at {off} overlaps the previous block"));
             }
             if off + bt > m.end {
-                r.errors.push(format!("block {bi} at {off} extends past the footer"));
+                r.errors
+                    .push(format!("block {bi} at {off} extends past the footer"));
             }
             if meta.iter().any(|x| x.start < off + bt && x.end > off) {
-                r.errors.push(format!("block {bi} at {off} overlaps metadata"));
+                r.errors
+                    .push(format!("block {bi} at {off} overlaps metadata"));
             }
             prev_end = off + bt;
             used += bt;
         }
         let span = m.end;
         if span > used + SECTOR {
-            r.warnings.push(format!("about {} bytes of the file are not referenced (leaked)", span - used));
+            r.warnings.push(format!(
+                "about {} bytes of the file are not referenced (leaked)",
+                span - used
+            ));
         }
         let tail_start = blocks
             .last()
@@ -1227,9 +1359,12 @@ impl Image for VhdFile {
             m.end = round512(tail_start);
             self.pwrite(&m.footer.to_bytes(), m.end)?;
             self.sync()?;
-            self.file.set_len(m.end + SECTOR).map_err(|e| DiskError::io("truncate", &self.path, e))?;
+            self.file
+                .set_len(m.end + SECTOR)
+                .map_err(|e| DiskError::io("truncate", &self.path, e))?;
             self.sync()?;
-            r.repaired.push(format!("truncated {freed} unreferenced bytes at the end"));
+            r.repaired
+                .push(format!("truncated {freed} unreferenced bytes at the end"));
         }
         Ok(r)
     }
@@ -1242,7 +1377,10 @@ impl Image for VhdFile {
             .map_err(|e| DiskError::io("stat", &self.path, e))?
             .len();
         let Some((bs, _)) = Self::geometry(&m) else {
-            return Ok(AllocationStats { file_size, ..Default::default() });
+            return Ok(AllocationStats {
+                file_size,
+                ..Default::default()
+            });
         };
         let needed = m.size.div_ceil(bs) as usize;
         let mut allocated = 0u64;
@@ -1263,7 +1401,11 @@ impl Image for VhdFile {
             total_blocks: needed as u64,
             allocated_blocks: allocated,
             zero_blocks: 0,
-            fragmentation_percent: if allocated == 0 { 0.0 } else { out_of_order as f64 * 100.0 / allocated as f64 },
+            fragmentation_percent: if allocated == 0 {
+                0.0
+            } else {
+                out_of_order as f64 * 100.0 / allocated as f64
+            },
         })
     }
 
@@ -1282,6 +1424,9 @@ impl VhdFile {
     /// The footer's current identity (follows timestamp bumps on this handle).
     pub fn identity(&self) -> LayerIdentity {
         let m = self.meta.lock();
-        LayerIdentity::Vhd { unique_id: m.footer.unique_id, timestamp: m.footer.timestamp }
+        LayerIdentity::Vhd {
+            unique_id: m.footer.unique_id,
+            timestamp: m.footer.timestamp,
+        }
     }
 }

@@ -68,9 +68,26 @@ fn our_fixed_and_dynamic_match_qemu() {
             assert!(v.check(false).unwrap().is_clean());
         }
         std::fs::write(&raw, &reference).unwrap();
-        let info = run("qemu-img", &["info", "--output=json", "-f", "vpc", p.to_str().unwrap()]);
-        assert!(info.contains(&format!("\"virtual-size\": {size}")), "qemu sees another size: {info}");
-        run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", p.to_str().unwrap(), raw.to_str().unwrap()]);
+        let info = run(
+            "qemu-img",
+            &["info", "--output=json", "-f", "vpc", p.to_str().unwrap()],
+        );
+        assert!(
+            info.contains(&format!("\"virtual-size\": {size}")),
+            "qemu sees another size: {info}"
+        );
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "vpc",
+                "-F",
+                "raw",
+                p.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
         // And back through us after reopening.
         let v = VhdFile::open(&p, true).unwrap();
         assert_eq!(read_all(&v, size), reference);
@@ -84,9 +101,29 @@ fn qemu_created_images_read_identically() {
         let p = dir.path().join(format!("q-{sub}.vhd"));
         let raw = dir.path().join(format!("q-{sub}.raw"));
         let ps = p.to_str().unwrap();
-        run("qemu-img", &["create", "-q", "-f", "vpc", "-o", &format!("subformat={sub},force_size=on"), ps, "48M"]);
-        run("qemu-img", &["create", "-q", "-f", "raw", raw.to_str().unwrap(), "48M"]);
-        for (pat, off, len) in [(0xa5u8, 0u64, 4096u64), (0x3c, 3 << 20, 1 << 20), (0x77, (2 << 20) - 512, 1024), (0x11, 47 << 20, 1 << 20)] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                &format!("subformat={sub},force_size=on"),
+                ps,
+                "48M",
+            ],
+        );
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", raw.to_str().unwrap(), "48M"],
+        );
+        for (pat, off, len) in [
+            (0xa5u8, 0u64, 4096u64),
+            (0x3c, 3 << 20, 1 << 20),
+            (0x77, (2 << 20) - 512, 1024),
+            (0x11, 47 << 20, 1 << 20),
+        ] {
             let cmd = format!("write -P {pat} {off} {len}");
             run("qemu-io", &["-f", "vpc", "-c", &cmd, ps]);
             run("qemu-io", &["-f", "raw", "-c", &cmd, raw.to_str().unwrap()]);
@@ -95,7 +132,11 @@ fn qemu_created_images_read_identically() {
         assert_eq!(v.info().virtual_size, 48 << 20);
         let expect = std::fs::read(&raw).unwrap();
         assert_eq!(read_all(&v, 48 << 20), expect, "{sub}");
-        assert!(v.check(false).unwrap().is_clean(), "{sub}: {:?}", v.check(false).unwrap());
+        assert!(
+            v.check(false).unwrap().is_clean(),
+            "{sub}: {:?}",
+            v.check(false).unwrap()
+        );
         drop(v);
         // Our writes into a qemu image are readable by qemu.
         let v = VhdFile::open(&p, false).unwrap();
@@ -106,7 +147,18 @@ fn qemu_created_images_read_identically() {
         let mut expect = expect;
         expect[10 << 20..13 << 20].copy_from_slice(&data);
         std::fs::write(&raw, &expect).unwrap();
-        run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", ps, raw.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "vpc",
+                "-F",
+                "raw",
+                ps,
+                raw.to_str().unwrap(),
+            ],
+        );
     }
 }
 
@@ -120,7 +172,9 @@ fn differencing_reads_fall_through_and_locators_round_trip() {
     b.flush().unwrap();
     let id = b.identity();
     drop(b);
-    let LayerIdentity::Vhd { unique_id, .. } = id else { panic!() };
+    let LayerIdentity::Vhd { unique_id, .. } = id else {
+        panic!()
+    };
     let child = dir.path().join("child.vhd");
     let mut s = spec(size, DiskKind::Differencing);
     s.parent = Some(ParentSpec {
@@ -151,11 +205,18 @@ fn differencing_reads_fall_through_and_locators_round_trip() {
     }
     c.flush().unwrap();
     drop(c);
-    assert_eq!(std::fs::metadata(&child).unwrap().len(), len0, "set_parent reuses free locator space");
+    assert_eq!(
+        std::fs::metadata(&child).unwrap().len(),
+        len0,
+        "set_parent reuses free locator space"
+    );
     let c = VhdFile::open(&child, true).unwrap();
     let loc = c.parent_locator().unwrap();
     assert_eq!(loc.relative_path.as_deref(), Some("../moved9/base.vhd"));
-    assert_eq!(loc.absolute_path.as_deref(), Some("/somewhere/moved9/base.vhd"));
+    assert_eq!(
+        loc.absolute_path.as_deref(),
+        Some("/somewhere/moved9/base.vhd")
+    );
     assert!(c.check(false).unwrap().is_clean());
 }
 
@@ -167,7 +228,10 @@ fn resize_and_compact() {
     v.write(0, &vec![9u8; 4096]).unwrap();
     v.write(3 << 20, &vec![8u8; 4096]).unwrap();
     // Shrinking past data is refused; growing far beyond the BAT's padding moves the BAT.
-    assert!(matches!(v.resize(2 << 20), Err(fv_vdisk_core::DiskError::Refused { .. })));
+    assert!(matches!(
+        v.resize(2 << 20),
+        Err(fv_vdisk_core::DiskError::Refused { .. })
+    ));
     v.resize(512 << 20).unwrap();
     v.write((512 << 20) - 4096, &vec![7u8; 4096]).unwrap();
     v.flush().unwrap();
@@ -178,7 +242,18 @@ fn resize_and_compact() {
     reference[3 << 20..(3 << 20) + 4096].fill(8);
     reference[(512 << 20) - 4096..].fill(7);
     std::fs::write(&raw, &reference).unwrap();
-    run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", p.to_str().unwrap(), raw.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "vpc",
+            "-F",
+            "raw",
+            p.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
     // Zero the middle block's data, compact: the file shrinks, contents stay.
     let v = VhdFile::open(&p, false).unwrap();
     v.write(3 << 20, &vec![0u8; 4096]).unwrap();
@@ -189,7 +264,18 @@ fn resize_and_compact() {
     assert_eq!(std::fs::metadata(&p).unwrap().len(), before - shrunk);
     reference[3 << 20..(3 << 20) + 4096].fill(0);
     std::fs::write(&raw, &reference).unwrap();
-    run("qemu-img", &["compare", "-f", "vpc", "-F", "raw", p.to_str().unwrap(), raw.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "vpc",
+            "-F",
+            "raw",
+            p.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
     let v = VhdFile::open(&p, true).unwrap();
     assert!(v.check(false).unwrap().is_clean());
     assert_eq!(v.allocation().unwrap().allocated_blocks, 2);
@@ -200,7 +286,10 @@ fn resize_and_compact() {
 fn mutated_images_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("seed-base.vhd");
-    let small = |kind| CreateSpec { block_size: 512 << 10, ..spec(2 << 20, kind) };
+    let small = |kind| CreateSpec {
+        block_size: 512 << 10,
+        ..spec(2 << 20, kind)
+    };
     let b = VhdFile::create(&base, &small(DiskKind::Dynamic)).unwrap();
     b.write(0, &vec![3u8; 8192]).unwrap();
     b.write((2 << 20) - 8192, &vec![4u8; 8192]).unwrap();
@@ -220,7 +309,10 @@ fn mutated_images_never_panic() {
     drop(c);
     let fixed = dir.path().join("seed-fixed.vhd");
     drop(VhdFile::create(&fixed, &spec(64 << 10, DiskKind::Fixed)).unwrap());
-    let seeds: Vec<Vec<u8>> = [&base, &child, &fixed].iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let seeds: Vec<Vec<u8>> = [&base, &child, &fixed]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     let target = dir.path().join("m.vhd");
     let mut opened = 0;
@@ -271,6 +363,9 @@ fn mutated_images_never_panic() {
             }
         }
     }
-    assert!(opened > 100, "too few mutants opened ({opened}) to exercise the readers");
+    assert!(
+        opened > 100,
+        "too few mutants opened ({opened}) to exercise the readers"
+    );
     let _ = Path::new("");
 }

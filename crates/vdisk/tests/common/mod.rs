@@ -23,7 +23,10 @@ pub fn rw() -> OpenOptions {
     OpenOptions::default()
 }
 pub fn ro() -> OpenOptions {
-    OpenOptions { read_only: true, ..Default::default() }
+    OpenOptions {
+        read_only: true,
+        ..Default::default()
+    }
 }
 
 pub fn read_all(d: &dyn BlockDevice) -> Vec<u8> {
@@ -35,7 +38,13 @@ pub fn read_all(d: &dyn BlockDevice) -> Vec<u8> {
 }
 
 /// Random writes in units of `unit` bytes applied to both the disk and the reference.
-pub fn scribble(rng: &mut impl Rng, d: &dyn BlockDevice, reference: &mut [u8], n: usize, unit: u64) {
+pub fn scribble(
+    rng: &mut impl Rng,
+    d: &dyn BlockDevice,
+    reference: &mut [u8],
+    n: usize,
+    unit: u64,
+) {
     let size = d.size();
     for _ in 0..n {
         let len = rng.gen_range(1..=(256 << 10) / unit) * unit;
@@ -66,7 +75,10 @@ impl VhdiMount {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("vhdimount (libvhdi-utils) is required: {e}"));
-        let m = VhdiMount { dir: mnt.to_path_buf(), child };
+        let m = VhdiMount {
+            dir: mnt.to_path_buf(),
+            child,
+        };
         let start = Instant::now();
         while !m.dir.join("vhdi1").exists() {
             if start.elapsed() > Duration::from_secs(20) {

@@ -18,18 +18,34 @@ enum TemplateCmd {
         /// Cache directory (default: $FV_TEMPLATE_DIR, else <workspace>/target/templates).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Kernel flavour: cloud (fast boot) or generic (adds e1000/AHCI drivers).
+        #[arg(long, value_enum, default_value = "cloud")]
+        kernel: Kernel,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Kernel {
+    Cloud,
+    Generic,
 }
 
 pub fn run(a: TemplateArgs, out: OutputFormat) -> anyhow::Result<()> {
     match a.cmd {
-        TemplateCmd::Build { out: dir } => {
+        TemplateCmd::Build { out: dir, kernel } => {
             let dir = dir.unwrap_or_else(fv_guest_template::default_cache_dir);
             let started = Instant::now();
-            let (t, status) = fv_guest_template::ensure_status(&dir)?;
+            let opts = fv_guest_template::Options {
+                kernel: match kernel {
+                    Kernel::Cloud => fv_guest_template::KernelFlavour::Cloud,
+                    Kernel::Generic => fv_guest_template::KernelFlavour::Generic,
+                },
+            };
+            let (t, status) = fv_guest_template::ensure_with_status(&dir, &opts)?;
             let secs = started.elapsed().as_secs_f64();
             let value = serde_json::json!({
                 "status": status,
+                "kernel_flavour": opts.kernel,
                 "seconds": secs,
                 "cache_key": t.cache_key,
                 "bios_disk": t.bios_disk,

@@ -4,11 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The kernel flavour's meta package; it depends on the versioned image package.
-pub const KERNEL_META: &str = "linux-image-amd64";
 
 /// Exact package set (name -> version) the template is built from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PackageSet {
     pub kernel_pkg: String,
     pub versions: BTreeMap<String, String>,
@@ -56,28 +54,30 @@ fn apt_depends(pkgs: &[String]) -> Result<BTreeMap<String, Vec<String>>, Templat
 }
 
 /// Chooses the packages: the kernel image, busybox-static, qemu-guest-agent and the
-/// library packages it (transitively) depends on.
-pub fn resolve() -> Result<PackageSet, TemplateError> {
-    let meta = apt_depends(&[KERNEL_META.to_string()])?;
-    let kernel_pkg = meta
-        .get(KERNEL_META)
+/// library packages it (transitively) depends on. Two apt-cache runs in all:
+/// without a binary package cache (Debian container images) each one re-parses
+/// every package list, which takes seconds.
+pub fn resolve(kernel_meta: &str) -> Result<PackageSet, TemplateError> {
+    let graph = apt_depends(&["--recurse".to_string(), kernel_meta.to_string(), "qemu-guest-agent".to_string()])?;
+    let kernel_pkg = graph
+        .get(kernel_meta)
         .and_then(|d| d.iter().find(|p| p.starts_with("linux-image-")))
         .cloned()
-        .ok_or_else(|| TemplateError::Build(format!("{KERNEL_META} has no linux-image-* dependency (apt lists missing?)")))?;
+        .ok_or_else(|| TemplateError::Build(format!("{kernel_meta} has no linux-image-* dependency (apt lists missing?)")))?;
 
     let mut all: BTreeSet<String> = BTreeSet::new();
     all.insert(kernel_pkg.clone());
     all.insert("busybox-static".into());
     let mut frontier = vec!["qemu-guest-agent".to_string()];
-    let mut seen: BTreeSet<String> = frontier.iter().cloned().collect();
-    // Recurse only through library packages: that is where shared objects come from;
+    // Walk only through library packages: that is where shared objects come from;
     // the ELF NEEDED walk at build time proves the set complete.
-    while !frontier.is_empty() {
-        let deps = apt_depends(&frontier)?;
-        all.extend(frontier.drain(..));
-        for d in deps.values().flatten() {
+    while let Some(p) = frontier.pop() {
+        if !all.insert(p.clone()) {
+            continue;
+        }
+        for d in graph.get(&p).into_iter().flatten() {
             let d = d.split(':').next().unwrap_or(d).to_string();
-            if (d.starts_with("lib") || d.starts_with("zlib")) && seen.insert(d.clone()) {
+            if (d.starts_with("lib") || d.starts_with("zlib")) && !all.contains(&d) {
                 frontier.push(d);
             }
         }

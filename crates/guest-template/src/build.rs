@@ -28,34 +28,32 @@ pub const DATA_LABEL: &str = "fvdata";
 
 /// Kernel arguments shared by both variants. `quiet` matters most under TCG:
 /// every console byte is an emulated UART write.
-pub const BASE_CMDLINE: &str = "rdinit=/init quiet loglevel=3 tsc=reliable no_timer_check";
+/// `edd=off` skips BIOS disk probing in the real-mode setup; `mitigations=off`
+/// drops page-table isolation, whose CR3 switches flush TCG's soft TLB.
+pub const BASE_CMDLINE: &str = "rdinit=/init quiet loglevel=3 edd=off tsc=reliable no_timer_check mitigations=off";
 
 pub fn direct_cmdline() -> String {
     format!("console=ttyS0 {BASE_CMDLINE}")
 }
 
-/// Modules loaded at boot (their dependencies are added automatically). Missing
-/// hardware makes an insmod fail harmlessly in the guest.
-const WANTED_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
+/// Modules the guest cannot work without (unless built into the kernel).
+const REQUIRED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ext4"];
+
+/// Loaded when the flavour ships them (the cloud kernel has no e1000/ahci).
+/// Missing hardware makes an insmod fail harmlessly in the guest.
+const OPTIONAL_MODULES: &[&str] = &[
     "virtio_scsi",
-    "virtio_net",
-    "virtio_console",
     "virtio_rng",
     "virtio_balloon",
     "e1000",
     "e1000e",
     "ata_piix",
     "ahci",
-    "ata_generic",
     "sd_mod",
+    "sr_mod",
+    "isofs",
     "crc32c_generic",
     "crc32c_intel",
-    "ext4",
-    "vfat",
-    "nls_cp437",
-    "nls_iso8859_1",
     "button",
     "evdev",
     "hv_vmbus",
@@ -66,6 +64,29 @@ const WANTED_MODULES: &[&str] = &[
 
 /// Busybox applets not linked into the guest: PID 1 is our script.
 const SKIP_APPLETS: &[&str] = &["init", "linuxrc"];
+
+/// Everything besides package versions that shapes the output; hashed into the cache key.
+pub fn recipe_fingerprint() -> String {
+    let mut s = String::new();
+    for part in [
+        gf::INIT,
+        gf::FV_HALT,
+        gf::SHUTDOWN,
+        gf::ACPI_POWER,
+        gf::UDHCPC_SCRIPT,
+        gf::PROFILE,
+        gf::HELLO,
+        BASE_CMDLINE,
+        &syslinux_cfg(),
+        &REQUIRED_MODULES.join(","),
+        &OPTIONAL_MODULES.join(","),
+        &format!("{DISK_SIZE}/{P1_SIZE}/{DATA_DISK_SIZE}"),
+    ] {
+        s.push_str(part);
+        s.push('\0');
+    }
+    s
+}
 
 pub struct Built {
     pub kernel_version: String,
@@ -253,13 +274,16 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     index_modules(&moddir.join("kernel"), &mut index)?;
     let mut order: Vec<String> = Vec::new();
     let mut state: BTreeMap<String, bool> = BTreeMap::new();
-    for m in WANTED_MODULES {
+    for m in REQUIRED_MODULES.iter().chain(OPTIONAL_MODULES) {
         let m = norm_mod(m);
         if builtin.contains(&m) {
             continue;
         }
         if !index.contains_key(&m) {
-            return Err(TemplateError::Build(format!("kernel {kernel_version} has no module {m}")));
+            if REQUIRED_MODULES.contains(&m.as_str()) {
+                return Err(TemplateError::Build(format!("kernel {kernel_version} has no module {m}")));
+            }
+            continue;
         }
         visit_module(&m, &index, &builtin, &mut state, &mut order)?;
     }

@@ -20,7 +20,15 @@ trap 'exec /sbin/fv-halt halt' USR1
 
 # Modules in dependency order, computed at build time from .modinfo depends=.
 # A failing insmod (no such hardware, e.g. hv_vmbus outside Hyper-V) is fine.
-while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done </etc/fv-modules
+# Hyper-V drivers only when the VMBus module could attach.
+nohv=""
+while read -r m; do
+  case "$m" in
+    hv_vmbus.ko) insmod "/lib/modules/$m" 2>/dev/null || nohv=1 ;;
+    hv_*) [ -n "$nohv" ] || insmod "/lib/modules/$m" 2>/dev/null ;;
+    *) insmod "/lib/modules/$m" 2>/dev/null ;;
+  esac
+done </etc/fv-modules
 
 host=fvguest
 for a in $(cat /proc/cmdline); do
@@ -44,8 +52,8 @@ for n in /sys/class/net/*; do
 done
 if [ -n "$nic" ]; then
   ip link set "$nic" up
-  # Foreground until a lease or ~4 s of tries, then keeps trying in the background.
-  udhcpc -i "$nic" -s /etc/udhcpc.script -t 4 -T 1 -A 2 -b -x "hostname:$host" >/run/udhcpc.log 2>&1
+  # Runs for the guest's lifetime (renewals); the lease is awaited below.
+  udhcpc -f -i "$nic" -s /etc/udhcpc.script -t 4 -T 1 -A 2 -x "hostname:$host" >/run/udhcpc.log 2>&1 &
 fi
 
 # The data filesystem, found by label (partition 2 of the BIOS disk, or the
@@ -79,6 +87,15 @@ if [ -e "$port" ]; then
   done
 else
   echo "fv-init: no virtio-serial port org.qemu.guest_agent.0; qemu-ga not started"
+fi
+
+# Ready implies an address when a NIC exists (bounded: no DHCP server is fine).
+if [ -n "$nic" ]; then
+  i=0
+  while [ $i -lt 50 ] && [ ! -e /run/fv-dhcp-bound ]; do
+    i=$((i + 1))
+    sleep 0.1
+  done
 fi
 
 echo "FERROVISOR-GUEST-READY" >/dev/ttyS0
@@ -135,6 +152,7 @@ case "$1" in
       : >/etc/resolv.conf
       for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
     fi
+    : >/run/fv-dhcp-bound
     ;;
 esac
 exit 0

@@ -53,6 +53,34 @@ pub struct Template {
     pub cache_key: String,
 }
 
+/// Which Debian kernel the guest boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFlavour {
+    /// `linux-image-cloud-amd64`: LZ4-compressed, so it decompresses in about a
+    /// second under TCG (the generic XZ kernel takes 5-15 s); virtio, ata_piix,
+    /// NVMe and Hyper-V drivers, but no e1000 and no AHCI.
+    #[default]
+    Cloud,
+    /// `linux-image-amd64`: also has e1000/e1000e and AHCI; boots slower.
+    Generic,
+}
+
+impl KernelFlavour {
+    fn meta_package(self) -> &'static str {
+        match self {
+            KernelFlavour::Cloud => "linux-image-cloud-amd64",
+            KernelFlavour::Generic => "linux-image-amd64",
+        }
+    }
+}
+
+/// Build options for [`ensure_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub kernel: KernelFlavour,
+}
+
 /// Whether [`ensure_status`] built the template or found it cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,6 +94,7 @@ pub enum CacheStatus {
 pub struct Manifest {
     pub recipe: String,
     pub cache_key: String,
+    pub flavour: KernelFlavour,
     pub kernel_package: String,
     pub kernel_version: String,
     pub packages: BTreeMap<String, String>,
@@ -137,11 +166,13 @@ fn host_pkg_version(pkg: &str) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// sha256 over the recipe version, every package=version used, and the host
+/// sha256 over the recipe version and guest scripts/layout, every
+/// package=version used, and the host
 /// syslinux (its boot code is written into the disk); first 16 hex digits.
 fn cache_key(pkgs: &BTreeMap<String, String>) -> String {
     let mut h = Sha256::new();
     h.update(format!("recipe={RECIPE_VERSION}\n"));
+    h.update(build::recipe_fingerprint());
     for (p, v) in pkgs {
         h.update(format!("{p}={v}\n"));
     }
@@ -163,9 +194,9 @@ fn template_in(dir: &Path, key: &str) -> Template {
 }
 
 /// A complete cache entry: manifest readable, recipe current, all files present.
-fn load_complete(dir: &Path) -> Option<(Template, Manifest)> {
+fn load_complete(dir: &Path, flavour: KernelFlavour) -> Option<(Template, Manifest)> {
     let m: Manifest = serde_json::from_slice(&fs::read(dir.join(MANIFEST)).ok()?).ok()?;
-    if m.recipe != RECIPE_VERSION {
+    if m.recipe != RECIPE_VERSION || m.flavour != flavour {
         return None;
     }
     let t = template_in(dir, &m.cache_key);
@@ -173,14 +204,14 @@ fn load_complete(dir: &Path) -> Option<(Template, Manifest)> {
 }
 
 /// Newest complete entry of the current recipe (used when apt cannot answer).
-fn latest_complete(cache_dir: &Path) -> Option<Template> {
+fn latest_complete(cache_dir: &Path, flavour: KernelFlavour) -> Option<Template> {
     let mut best: Option<(std::time::SystemTime, Template)> = None;
     for e in fs::read_dir(cache_dir).ok()?.flatten() {
         let p = e.path();
         if p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
             continue;
         }
-        if let Some((t, _)) = load_complete(&p) {
+        if let Some((t, _)) = load_complete(&p, flavour) {
             let mt = fs::metadata(p.join(MANIFEST)).and_then(|m| m.modified()).ok()?;
             if best.as_ref().is_none_or(|(b, _)| mt > *b) {
                 best = Some((mt, t));
@@ -190,9 +221,74 @@ fn latest_complete(cache_dir: &Path) -> Option<Template> {
     best.map(|(_, t)| t)
 }
 
-/// Builds the template under `cache_dir/<cache_key>` or reuses a complete one.
+/// Fingerprint of apt's view of the archive: package lists and apt config.
+/// When unchanged, the previous resolution (names and versions) still holds.
+fn apt_fingerprint() -> Option<String> {
+    let mut h = Sha256::new();
+    let mut names = Vec::new();
+    for d in ["/var/lib/apt/lists", "/etc/apt/sources.list.d", "/etc/apt/preferences.d", "/etc/apt/apt.conf.d"] {
+        for e in fs::read_dir(d).into_iter().flatten().flatten() {
+            names.push(e.path());
+        }
+    }
+    names.push(PathBuf::from("/etc/apt/sources.list"));
+    names.sort();
+    let mut lists = 0;
+    for p in names {
+        let Ok(md) = fs::metadata(&p) else { continue };
+        if p.starts_with("/var/lib/apt/lists") && md.is_file() {
+            lists += 1;
+        }
+        let mt = md.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+        h.update(format!("{}|{}|{}.{}\n", p.display(), md.len(), mt.as_secs(), mt.subsec_nanos()));
+    }
+    if lists == 0 {
+        return None;
+    }
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[derive(Serialize, Deserialize)]
+struct Resolution {
+    fingerprint: String,
+    recipe: String,
+    set: apt::PackageSet,
+}
+
+/// apt resolution, memoised in `cache_dir/.resolved-<flavour>.json` against
+/// [`apt_fingerprint`] (apt-cache costs seconds per run here).
+fn resolve_cached(cache_dir: &Path, flavour: KernelFlavour) -> Result<apt::PackageSet, TemplateError> {
+    let memo = cache_dir.join(format!(".resolved-{}.json", flavour.meta_package()));
+    let fp = apt_fingerprint();
+    if let Some(fp) = &fp {
+        if let Some(r) = fs::read(&memo).ok().and_then(|b| serde_json::from_slice::<Resolution>(&b).ok()) {
+            if &r.fingerprint == fp && r.recipe == RECIPE_VERSION {
+                return Ok(r.set);
+            }
+        }
+    }
+    let set = apt::resolve(flavour.meta_package())?;
+    if let Some(fingerprint) = fp {
+        let r = Resolution { fingerprint, recipe: RECIPE_VERSION.to_string(), set: set.clone() };
+        if let Ok(b) = serde_json::to_vec_pretty(&r) {
+            let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
+            if fs::write(&tmp, b).is_ok() {
+                let _ = fs::rename(&tmp, &memo);
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Builds the template (default options) under `cache_dir/<cache_key>` or
+/// reuses a complete one.
 pub fn ensure(cache_dir: &Path) -> Result<Template, TemplateError> {
     ensure_status(cache_dir).map(|(t, _)| t)
+}
+
+/// [`ensure`] with non-default options (e.g. the generic kernel for e1000/AHCI).
+pub fn ensure_with(cache_dir: &Path, opts: &Options) -> Result<Template, TemplateError> {
+    ensure_with_status(cache_dir, opts).map(|(t, _)| t)
 }
 
 /// Like [`ensure`], also telling whether it built or reused the template.
@@ -201,6 +297,12 @@ pub fn ensure(cache_dir: &Path) -> Result<Template, TemplateError> {
 /// `cache_dir/.lock` serialises them, and an entry is built in a temporary
 /// directory and renamed into place only when complete.
 pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), TemplateError> {
+    ensure_with_status(cache_dir, &Options::default())
+}
+
+/// [`ensure_with`] plus whether it built or reused the template.
+pub fn ensure_with_status(cache_dir: &Path, opts: &Options) -> Result<(Template, CacheStatus), TemplateError> {
+    let flavour = opts.kernel;
     fs::create_dir_all(cache_dir).map_err(|e| io_err(cache_dir, e))?;
     let cache_dir = fs::canonicalize(cache_dir).map_err(|e| io_err(cache_dir, e))?;
     let lock_path = cache_dir.join(".lock");
@@ -212,11 +314,11 @@ pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), Templa
         .map_err(|e| io_err(&lock_path, e))?;
     lock.lock().map_err(|e| io_err(&lock_path, e))?;
 
-    let set = match apt::resolve() {
+    let set = match resolve_cached(&cache_dir, flavour) {
         Ok(s) => s,
         Err(e) => {
             // Offline and apt lists gone: a previously built template still serves.
-            return match latest_complete(&cache_dir) {
+            return match latest_complete(&cache_dir, flavour) {
                 Some(t) => Ok((t, CacheStatus::Cached)),
                 None => Err(e),
             };
@@ -224,7 +326,7 @@ pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), Templa
     };
     let key = cache_key(&set.versions);
     let dest = cache_dir.join(&key);
-    if let Some((t, _)) = load_complete(&dest) {
+    if let Some((t, _)) = load_complete(&dest, flavour) {
         return Ok((t, CacheStatus::Cached));
     }
 
@@ -240,6 +342,7 @@ pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), Templa
         let manifest = Manifest {
             recipe: RECIPE_VERSION.to_string(),
             cache_key: key.clone(),
+            flavour,
             kernel_package: set.kernel_pkg.clone(),
             kernel_version: built.kernel_version,
             packages: set.versions.clone(),
@@ -259,7 +362,7 @@ pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), Templa
     })();
     let _ = fs::remove_dir_all(&tmp);
     result?;
-    let (t, _) = load_complete(&dest).ok_or_else(|| TemplateError::Build("built entry is incomplete".into()))?;
+    let (t, _) = load_complete(&dest, flavour).ok_or_else(|| TemplateError::Build("built entry is incomplete".into()))?;
     Ok((t, CacheStatus::Built))
 }
 

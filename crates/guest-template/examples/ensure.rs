@@ -1,7 +1,10 @@
 //! Builds (or reuses) the template: `cargo run -p fv-guest-template --example ensure [DIR] [cloud|generic]`.
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().map(std::path::PathBuf::from).unwrap_or_else(fv_guest_template::default_cache_dir);
+    let dir = args
+        .next()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(fv_guest_template::default_cache_dir);
     let kernel = match args.next().as_deref() {
         Some("generic") => fv_guest_template::KernelFlavour::Generic,
         _ => fv_guest_template::KernelFlavour::Cloud,

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-
 /// Exact package set (name -> version) the template is built from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PackageSet {
@@ -39,7 +38,9 @@ fn apt_depends(pkgs: &[String]) -> Result<BTreeMap<String, Vec<String>>, Templat
         // "|Depends: a" starts an alternative group; only its first member is taken.
         let alt_start = t.starts_with('|');
         let t = t.trim_start_matches('|');
-        let dep = t.strip_prefix("Depends:").or_else(|| t.strip_prefix("PreDepends:"));
+        let dep = t
+            .strip_prefix("Depends:")
+            .or_else(|| t.strip_prefix("PreDepends:"));
         let Some(dep) = dep else { continue };
         let dep = dep.trim();
         let take = !in_alt && !dep.starts_with('<');
@@ -58,12 +59,20 @@ fn apt_depends(pkgs: &[String]) -> Result<BTreeMap<String, Vec<String>>, Templat
 /// without a binary package cache (Debian container images) each one re-parses
 /// every package list, which takes seconds.
 pub fn resolve(kernel_meta: &str) -> Result<PackageSet, TemplateError> {
-    let graph = apt_depends(&["--recurse".to_string(), kernel_meta.to_string(), "qemu-guest-agent".to_string()])?;
+    let graph = apt_depends(&[
+        "--recurse".to_string(),
+        kernel_meta.to_string(),
+        "qemu-guest-agent".to_string(),
+    ])?;
     let kernel_pkg = graph
         .get(kernel_meta)
         .and_then(|d| d.iter().find(|p| p.starts_with("linux-image-")))
         .cloned()
-        .ok_or_else(|| TemplateError::Build(format!("{kernel_meta} has no linux-image-* dependency (apt lists missing?)")))?;
+        .ok_or_else(|| {
+            TemplateError::Build(format!(
+                "{kernel_meta} has no linux-image-* dependency (apt lists missing?)"
+            ))
+        })?;
 
     let mut all: BTreeSet<String> = BTreeSet::new();
     all.insert(kernel_pkg.clone());
@@ -83,7 +92,10 @@ pub fn resolve(kernel_meta: &str) -> Result<PackageSet, TemplateError> {
         }
     }
     let versions = candidates(&all)?;
-    Ok(PackageSet { kernel_pkg, versions })
+    Ok(PackageSet {
+        kernel_pkg,
+        versions,
+    })
 }
 
 fn candidates(pkgs: &BTreeSet<String>) -> Result<BTreeMap<String, String>, TemplateError> {
@@ -106,7 +118,9 @@ fn candidates(pkgs: &BTreeSet<String>) -> Result<BTreeMap<String, String>, Templ
     }
     for p in pkgs {
         if !map.contains_key(p) {
-            return Err(TemplateError::Build(format!("apt has no candidate version for {p} (run apt-get update)")));
+            return Err(TemplateError::Build(format!(
+                "apt has no candidate version for {p} (run apt-get update)"
+            )));
         }
     }
     Ok(map)
@@ -115,7 +129,8 @@ fn candidates(pkgs: &BTreeSet<String>) -> Result<BTreeMap<String, String>, Templ
 /// Downloads the exact versions into `dir`; returns the .deb files.
 pub fn download(set: &PackageSet, dir: &Path) -> Result<Vec<PathBuf>, TemplateError> {
     let mut cmd = Command::new("apt-get");
-    cmd.current_dir(dir).args(["-q", "-o", "APT::Sandbox::User=root", "download"]);
+    cmd.current_dir(dir)
+        .args(["-q", "-o", "APT::Sandbox::User=root", "download"]);
     for (p, v) in &set.versions {
         cmd.arg(format!("{p}={v}"));
     }

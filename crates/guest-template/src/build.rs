@@ -30,14 +30,21 @@ pub const DATA_LABEL: &str = "fvdata";
 /// every console byte is an emulated UART write.
 /// `edd=off` skips BIOS disk probing in the real-mode setup; `mitigations=off`
 /// drops page-table isolation, whose CR3 switches flush TCG's soft TLB.
-pub const BASE_CMDLINE: &str = "rdinit=/init quiet loglevel=3 edd=off tsc=reliable no_timer_check mitigations=off";
+pub const BASE_CMDLINE: &str =
+    "rdinit=/init quiet loglevel=3 edd=off tsc=reliable no_timer_check mitigations=off";
 
 pub fn direct_cmdline() -> String {
     format!("console=ttyS0 {BASE_CMDLINE}")
 }
 
 /// Modules the guest cannot work without (unless built into the kernel).
-const REQUIRED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "ext4"];
+const REQUIRED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "ext4",
+];
 
 /// Loaded when the flavour ships them (the cloud kernel has no e1000/ahci).
 /// Missing hardware makes an insmod fail harmlessly in the guest.
@@ -155,7 +162,8 @@ impl Tree {
     }
     fn link(&mut self, p: &str, target: &str) {
         self.parent(p);
-        self.entries.insert(p.to_string(), Node::Link(target.to_string()));
+        self.entries
+            .insert(p.to_string(), Node::Link(target.to_string()));
     }
     fn write_cpio<W: Write>(&self, w: W) -> std::io::Result<W> {
         let mut c = CpioWriter::new(w);
@@ -190,7 +198,17 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     }
 
     let mut tree = Tree::default();
-    for d in ["proc", "sys", "dev", "run", "tmp", "data", "root", "var", "etc/acpi/PWRF"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "data",
+        "root",
+        "var",
+        "etc/acpi/PWRF",
+    ] {
         tree.dir(d);
     }
     tree.dir("usr/bin");
@@ -217,38 +235,70 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
         }
         tree.link(&format!("usr/bin/{applet}"), "busybox");
     }
-    for a in ["acpid", "mdev", "ip", "ifconfig", "route", "udhcpc", "insmod", "modprobe", "poweroff", "reboot", "halt"] {
+    for a in [
+        "acpid", "mdev", "ip", "ifconfig", "route", "udhcpc", "insmod", "modprobe", "poweroff",
+        "reboot", "halt",
+    ] {
         if list.lines().any(|l| l.trim() == a) {
             continue;
         }
-        return Err(TemplateError::Build(format!("busybox-static lacks the `{a}` applet")));
+        return Err(TemplateError::Build(format!(
+            "busybox-static lacks the `{a}` applet"
+        )));
     }
 
     // qemu-ga and every shared object it needs (transitively), plus the loader.
-    let qga = resolve_in_root(&proot, Path::new("usr/sbin/qemu-ga"))
-        .ok_or_else(|| TemplateError::Build("qemu-guest-agent did not provide usr/sbin/qemu-ga".into()))?;
+    let qga = resolve_in_root(&proot, Path::new("usr/sbin/qemu-ga")).ok_or_else(|| {
+        TemplateError::Build("qemu-guest-agent did not provide usr/sbin/qemu-ga".into())
+    })?;
     let qga_bytes = read(&qga)?;
-    let qga_elf = elf::parse(&qga_bytes).ok_or_else(|| TemplateError::Build("qemu-ga is not ELF64".into()))?;
-    let interp = qga_elf.interp.clone().ok_or_else(|| TemplateError::Build("qemu-ga has no PT_INTERP".into()))?;
+    let qga_elf = elf::parse(&qga_bytes)
+        .ok_or_else(|| TemplateError::Build("qemu-ga is not ELF64".into()))?;
+    let interp = qga_elf
+        .interp
+        .clone()
+        .ok_or_else(|| TemplateError::Build("qemu-ga has no PT_INTERP".into()))?;
     tree.file("usr/sbin/qemu-ga", 0o755, qga_bytes);
-    let ld = resolve_in_root(&proot, Path::new(&interp))
-        .ok_or_else(|| TemplateError::Build(format!("dynamic loader {interp} not found in the extracted packages")))?;
-    let ld_name = Path::new(&interp).file_name().and_then(|n| n.to_str()).unwrap_or("ld-linux-x86-64.so.2").to_string();
+    let ld = resolve_in_root(&proot, Path::new(&interp)).ok_or_else(|| {
+        TemplateError::Build(format!(
+            "dynamic loader {interp} not found in the extracted packages"
+        ))
+    })?;
+    let ld_name = Path::new(&interp)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("ld-linux-x86-64.so.2")
+        .to_string();
     tree.file(&format!("usr/lib64/{ld_name}"), 0o755, read(&ld)?);
-    tree.link(&format!("usr/lib/x86_64-linux-gnu/{ld_name}"), &format!("../../lib64/{ld_name}"));
-    let lib_dirs = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "usr/lib64", "lib", "usr/lib"];
+    tree.link(
+        &format!("usr/lib/x86_64-linux-gnu/{ld_name}"),
+        &format!("../../lib64/{ld_name}"),
+    );
+    let lib_dirs = [
+        "lib/x86_64-linux-gnu",
+        "usr/lib/x86_64-linux-gnu",
+        "lib64",
+        "usr/lib64",
+        "lib",
+        "usr/lib",
+    ];
     let mut queue: Vec<String> = qga_elf.needed;
     let mut libs: BTreeSet<String> = BTreeSet::new();
     while let Some(soname) = queue.pop() {
         if soname == ld_name || !libs.insert(soname.clone()) {
             continue;
         }
-        let found = lib_dirs.iter().find_map(|d| resolve_in_root(&proot, &Path::new(d).join(&soname)));
+        let found = lib_dirs
+            .iter()
+            .find_map(|d| resolve_in_root(&proot, &Path::new(d).join(&soname)));
         let path = found.ok_or_else(|| {
-            TemplateError::Build(format!("shared library {soname} (needed by qemu-ga) not in the downloaded packages"))
+            TemplateError::Build(format!(
+                "shared library {soname} (needed by qemu-ga) not in the downloaded packages"
+            ))
         })?;
         let bytes = read(&path)?;
-        let info = elf::parse(&bytes).ok_or_else(|| TemplateError::Build(format!("{soname} is not ELF64")))?;
+        let info = elf::parse(&bytes)
+            .ok_or_else(|| TemplateError::Build(format!("{soname} is not ELF64")))?;
         queue.extend(info.needed);
         tree.file(&format!("usr/lib/x86_64-linux-gnu/{soname}"), 0o755, bytes);
     }
@@ -260,7 +310,9 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .next()
-        .ok_or_else(|| TemplateError::Build("kernel package has no lib/modules/<version>".into()))?;
+        .ok_or_else(|| {
+            TemplateError::Build("kernel package has no lib/modules/<version>".into())
+        })?;
     let vmlinuz = kroot.join(format!("boot/vmlinuz-{kernel_version}"));
     fs::copy(&vmlinuz, out.join(KERNEL)).map_err(|e| io_err(&vmlinuz, e))?;
     let moddir = moddir_parent.join(&kernel_version);
@@ -281,7 +333,9 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
         }
         if !index.contains_key(&m) {
             if REQUIRED_MODULES.contains(&m.as_str()) {
-                return Err(TemplateError::Build(format!("kernel {kernel_version} has no module {m}")));
+                return Err(TemplateError::Build(format!(
+                    "kernel {kernel_version} has no module {m}"
+                )));
             }
             continue;
         }
@@ -289,8 +343,14 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     }
     let mut list = String::new();
     for m in &order {
-        let p = index.get(m).ok_or_else(|| TemplateError::Build(format!("module {m} vanished")))?;
-        let file = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let p = index
+            .get(m)
+            .ok_or_else(|| TemplateError::Build(format!("module {m} vanished")))?;
+        let file = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         tree.file(&format!("usr/lib/modules/{file}"), 0o644, read(p)?);
         list.push_str(&file);
         list.push('\n');
@@ -324,7 +384,11 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
 
     make_bios_disk(work, out, &seed)?;
 
-    Ok(Built { kernel_version, modules: order, libs: libs.into_iter().collect() })
+    Ok(Built {
+        kernel_version,
+        modules: order,
+        libs: libs.into_iter().collect(),
+    })
 }
 
 fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<(), TemplateError> {
@@ -334,7 +398,11 @@ fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()
         let ft = e.file_type().map_err(|e| io_err(&p, e))?;
         if ft.is_dir() {
             index_modules(&p, index)?;
-        } else if let Some(n) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+        } else if let Some(n) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
             index.insert(norm_mod(n), p.clone());
         }
     }
@@ -351,14 +419,19 @@ fn visit_module(
 ) -> Result<(), TemplateError> {
     match state.get(m) {
         Some(true) => return Ok(()),
-        Some(false) => return Err(TemplateError::Build(format!("module dependency cycle at {m}"))),
+        Some(false) => {
+            return Err(TemplateError::Build(format!(
+                "module dependency cycle at {m}"
+            )))
+        }
         None => {}
     }
     let Some(path) = index.get(m) else {
         return Ok(());
     };
     state.insert(m.to_string(), false);
-    let info = elf::parse(&read(path)?).ok_or_else(|| TemplateError::Build(format!("module {m} is not ELF64")))?;
+    let info = elf::parse(&read(path)?)
+        .ok_or_else(|| TemplateError::Build(format!("module {m} is not ELF64")))?;
     let mut deps: Vec<String> = Vec::new();
     for (k, v) in &info.modinfo {
         if k == "depends" {
@@ -382,7 +455,9 @@ fn visit_module(
             continue;
         }
         if !index.contains_key(&d) {
-            return Err(TemplateError::Build(format!("module {m} depends on missing {d}")));
+            return Err(TemplateError::Build(format!(
+                "module {m} depends on missing {d}"
+            )));
         }
         visit_module(&d, index, builtin, state, order)?;
     }
@@ -395,7 +470,10 @@ fn make_ext4(seed: &Path, img: &Path, size: u64) -> Result<(), TemplateError> {
     // Eager inode-table/journal init: no lazy-init writes from the guest later.
     run(Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-L", DATA_LABEL, "-m", "0"])
-        .args(["-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0"])
+        .args([
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+        ])
         .arg("-d")
         .arg(seed)
         .arg(img)
@@ -421,9 +499,17 @@ fn make_bios_disk(work: &Path, out: &Path, seed: &Path) -> Result<(), TemplateEr
         .arg(&fat)
         .arg((P1_SIZE / 1024).to_string()))?;
     for f in [out.join(KERNEL), out.join(INITRD), cfg] {
-        run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&fat).arg(&f).arg("::"))?;
+        run(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&fat)
+            .arg(&f)
+            .arg("::"))?;
     }
-    run(Command::new("syslinux").env("MTOOLS_SKIP_CHECK", "1").arg("--install").arg(&fat))?;
+    run(Command::new("syslinux")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("--install")
+        .arg(&fat))?;
     let ext = work.join("data-part.img");
     make_ext4(seed, &ext, P2_SIZE)?;
 
@@ -439,15 +525,29 @@ fn make_bios_disk(work: &Path, out: &Path, seed: &Path) -> Result<(), TemplateEr
         P2_SIZE / SECTOR
     );
     run_with_stdin(
-        Command::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"]).arg(&disk_path),
+        Command::new("sfdisk")
+            .args([
+                "--quiet",
+                "--no-reread",
+                "--no-tell-kernel",
+                "--wipe",
+                "never",
+            ])
+            .arg(&disk_path),
         script.as_bytes(),
     )?;
     let mbr_path = Path::new("/usr/lib/syslinux/mbr/mbr.bin");
     let mbr = read(mbr_path)?;
     if mbr.len() > 440 {
-        return Err(TemplateError::Build(format!("{} is larger than 440 bytes", mbr_path.display())));
+        return Err(TemplateError::Build(format!(
+            "{} is larger than 440 bytes",
+            mbr_path.display()
+        )));
     }
-    let mut disk = fs::OpenOptions::new().write(true).open(&disk_path).map_err(|e| io_err(&disk_path, e))?;
+    let mut disk = fs::OpenOptions::new()
+        .write(true)
+        .open(&disk_path)
+        .map_err(|e| io_err(&disk_path, e))?;
     disk.write_all(&mbr).map_err(|e| io_err(&disk_path, e))?;
     copy_sparse(&fat, &mut disk, P1_START, &disk_path)?;
     copy_sparse(&ext, &mut disk, P2_START, &disk_path)?;
@@ -456,7 +556,12 @@ fn make_bios_disk(work: &Path, out: &Path, seed: &Path) -> Result<(), TemplateEr
 }
 
 /// Copies `src` into `dst` at `offset`, leaving all-zero blocks as holes.
-fn copy_sparse(src: &Path, dst: &mut fs::File, offset: u64, dst_path: &Path) -> Result<(), TemplateError> {
+fn copy_sparse(
+    src: &Path,
+    dst: &mut fs::File,
+    offset: u64,
+    dst_path: &Path,
+) -> Result<(), TemplateError> {
     let mut f = fs::File::open(src).map_err(|e| io_err(src, e))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = offset;
@@ -467,7 +572,8 @@ fn copy_sparse(src: &Path, dst: &mut fs::File, offset: u64, dst_path: &Path) -> 
         }
         let chunk = buf.get(..n).unwrap_or_default();
         if chunk.iter().any(|&b| b != 0) {
-            dst.seek(SeekFrom::Start(pos)).map_err(|e| io_err(dst_path, e))?;
+            dst.seek(SeekFrom::Start(pos))
+                .map_err(|e| io_err(dst_path, e))?;
             dst.write_all(chunk).map_err(|e| io_err(dst_path, e))?;
         }
         pos += n as u64;
@@ -485,13 +591,25 @@ fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<(), TemplateError> 
         .spawn()
         .map_err(|e| crate::spawn_err(cmd, e))?;
     if let Some(mut si) = child.stdin.take() {
-        si.write_all(input).map_err(|e| TemplateError::Command { cmd: name.clone(), detail: e.to_string() })?;
+        si.write_all(input).map_err(|e| TemplateError::Command {
+            cmd: name.clone(),
+            detail: e.to_string(),
+        })?;
     }
-    let o = child.wait_with_output().map_err(|e| TemplateError::Command { cmd: name.clone(), detail: e.to_string() })?;
+    let o = child
+        .wait_with_output()
+        .map_err(|e| TemplateError::Command {
+            cmd: name.clone(),
+            detail: e.to_string(),
+        })?;
     if !o.status.success() {
         return Err(TemplateError::Command {
             cmd: name,
-            detail: format!("{}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
+            detail: format!(
+                "{}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
         });
     }
     Ok(())

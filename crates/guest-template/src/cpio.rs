@@ -16,7 +16,11 @@ pub const S_IFCHR: u32 = 0o020000;
 
 impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
-        Self { out, ino: 0, written: 0 }
+        Self {
+            out,
+            ino: 0,
+            written: 0,
+        }
     }
 
     fn put(&mut self, b: &[u8]) -> io::Result<()> {

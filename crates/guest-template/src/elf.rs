@@ -120,7 +120,10 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let b = std::fs::read(exe).unwrap();
         let info = parse(&b).unwrap();
-        assert!(info.needed.iter().any(|n| n.starts_with("libc.so")), "{info:?}");
+        assert!(
+            info.needed.iter().any(|n| n.starts_with("libc.so")),
+            "{info:?}"
+        );
         assert!(info.interp.unwrap().contains("ld-linux"));
     }
 }

@@ -123,7 +123,10 @@ pub enum TemplateError {
 }
 
 pub(crate) fn io_err(p: &Path, source: std::io::Error) -> TemplateError {
-    TemplateError::Io { path: p.to_path_buf(), source }
+    TemplateError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
 }
 
 pub(crate) fn spawn_err(cmd: &Command, e: std::io::Error) -> TemplateError {
@@ -131,7 +134,10 @@ pub(crate) fn spawn_err(cmd: &Command, e: std::io::Error) -> TemplateError {
     if e.kind() == std::io::ErrorKind::NotFound {
         TemplateError::MissingTool(prog)
     } else {
-        TemplateError::Command { cmd: prog, detail: e.to_string() }
+        TemplateError::Command {
+            cmd: prog,
+            detail: e.to_string(),
+        }
     }
 }
 
@@ -140,8 +146,19 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, TemplateError> {
     let o = cmd.output().map_err(|e| spawn_err(cmd, e))?;
     if !o.status.success() {
         let err = String::from_utf8_lossy(&o.stderr);
-        let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        return Err(TemplateError::Command { cmd: format!("{cmd:?}"), detail: format!("{}: {tail}", o.status) });
+        let tail: String = err
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(TemplateError::Command {
+            cmd: format!("{cmd:?}"),
+            detail: format!("{}: {tail}", o.status),
+        });
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
@@ -176,7 +193,10 @@ fn cache_key(pkgs: &BTreeMap<String, String>) -> String {
     for (p, v) in pkgs {
         h.update(format!("{p}={v}\n"));
     }
-    h.update(format!("host:syslinux-common={}\n", host_pkg_version("syslinux-common")));
+    h.update(format!(
+        "host:syslinux-common={}\n",
+        host_pkg_version("syslinux-common")
+    ));
     let d = h.finalize();
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
@@ -200,7 +220,10 @@ fn load_complete(dir: &Path, flavour: KernelFlavour) -> Option<(Template, Manife
         return None;
     }
     let t = template_in(dir, &m.cache_key);
-    [&t.bios_disk, &t.kernel, &t.initrd, &t.data_disk].iter().all(|p| p.is_file()).then_some((t, m))
+    [&t.bios_disk, &t.kernel, &t.initrd, &t.data_disk]
+        .iter()
+        .all(|p| p.is_file())
+        .then_some((t, m))
 }
 
 /// Newest complete entry of the current recipe (used when apt cannot answer).
@@ -208,11 +231,16 @@ fn latest_complete(cache_dir: &Path, flavour: KernelFlavour) -> Option<Template>
     let mut best: Option<(std::time::SystemTime, Template)> = None;
     for e in fs::read_dir(cache_dir).ok()?.flatten() {
         let p = e.path();
-        if p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'))
+        {
             continue;
         }
         if let Some((t, _)) = load_complete(&p, flavour) {
-            let mt = fs::metadata(p.join(MANIFEST)).and_then(|m| m.modified()).ok()?;
+            let mt = fs::metadata(p.join(MANIFEST))
+                .and_then(|m| m.modified())
+                .ok()?;
             if best.as_ref().is_none_or(|(b, _)| mt > *b) {
                 best = Some((mt, t));
             }
@@ -226,7 +254,12 @@ fn latest_complete(cache_dir: &Path, flavour: KernelFlavour) -> Option<Template>
 fn apt_fingerprint() -> Option<String> {
     let mut h = Sha256::new();
     let mut names = Vec::new();
-    for d in ["/var/lib/apt/lists", "/etc/apt/sources.list.d", "/etc/apt/preferences.d", "/etc/apt/apt.conf.d"] {
+    for d in [
+        "/var/lib/apt/lists",
+        "/etc/apt/sources.list.d",
+        "/etc/apt/preferences.d",
+        "/etc/apt/apt.conf.d",
+    ] {
         for e in fs::read_dir(d).into_iter().flatten().flatten() {
             names.push(e.path());
         }
@@ -239,8 +272,18 @@ fn apt_fingerprint() -> Option<String> {
         if p.starts_with("/var/lib/apt/lists") && md.is_file() {
             lists += 1;
         }
-        let mt = md.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
-        h.update(format!("{}|{}|{}.{}\n", p.display(), md.len(), mt.as_secs(), mt.subsec_nanos()));
+        let mt = md
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        h.update(format!(
+            "{}|{}|{}.{}\n",
+            p.display(),
+            md.len(),
+            mt.as_secs(),
+            mt.subsec_nanos()
+        ));
     }
     if lists == 0 {
         return None;
@@ -257,11 +300,17 @@ struct Resolution {
 
 /// apt resolution, memoised in `cache_dir/.resolved-<flavour>.json` against
 /// [`apt_fingerprint`] (apt-cache costs seconds per run here).
-fn resolve_cached(cache_dir: &Path, flavour: KernelFlavour) -> Result<apt::PackageSet, TemplateError> {
+fn resolve_cached(
+    cache_dir: &Path,
+    flavour: KernelFlavour,
+) -> Result<apt::PackageSet, TemplateError> {
     let memo = cache_dir.join(format!(".resolved-{}.json", flavour.meta_package()));
     let fp = apt_fingerprint();
     if let Some(fp) = &fp {
-        if let Some(r) = fs::read(&memo).ok().and_then(|b| serde_json::from_slice::<Resolution>(&b).ok()) {
+        if let Some(r) = fs::read(&memo)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Resolution>(&b).ok())
+        {
             if &r.fingerprint == fp && r.recipe == RECIPE_VERSION {
                 return Ok(r.set);
             }
@@ -269,7 +318,11 @@ fn resolve_cached(cache_dir: &Path, flavour: KernelFlavour) -> Result<apt::Packa
     }
     let set = apt::resolve(flavour.meta_package())?;
     if let Some(fingerprint) = fp {
-        let r = Resolution { fingerprint, recipe: RECIPE_VERSION.to_string(), set: set.clone() };
+        let r = Resolution {
+            fingerprint,
+            recipe: RECIPE_VERSION.to_string(),
+            set: set.clone(),
+        };
         if let Ok(b) = serde_json::to_vec_pretty(&r) {
             let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
             if fs::write(&tmp, b).is_ok() {
@@ -301,7 +354,10 @@ pub fn ensure_status(cache_dir: &Path) -> Result<(Template, CacheStatus), Templa
 }
 
 /// [`ensure_with`] plus whether it built or reused the template.
-pub fn ensure_with_status(cache_dir: &Path, opts: &Options) -> Result<(Template, CacheStatus), TemplateError> {
+pub fn ensure_with_status(
+    cache_dir: &Path,
+    opts: &Options,
+) -> Result<(Template, CacheStatus), TemplateError> {
     let flavour = opts.kernel;
     fs::create_dir_all(cache_dir).map_err(|e| io_err(cache_dir, e))?;
     let cache_dir = fs::canonicalize(cache_dir).map_err(|e| io_err(cache_dir, e))?;
@@ -330,6 +386,18 @@ pub fn ensure_with_status(cache_dir: &Path, opts: &Options) -> Result<(Template,
         return Ok((t, CacheStatus::Cached));
     }
 
+    // We hold the lock, so any build directory left over is a dead builder's.
+    for e in fs::read_dir(&cache_dir)
+        .map_err(|e| io_err(&cache_dir, e))?
+        .flatten()
+    {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".build-"))
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
     let started = Instant::now();
     let tmp = cache_dir.join(format!(".build-{key}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
@@ -351,7 +419,8 @@ pub fn ensure_with_status(cache_dir: &Path, opts: &Options) -> Result<(Template,
             cmdline: build::direct_cmdline(),
             build_seconds: started.elapsed().as_secs_f64(),
         };
-        let mj = serde_json::to_vec_pretty(&manifest).map_err(|e| TemplateError::Build(e.to_string()))?;
+        let mj = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| TemplateError::Build(e.to_string()))?;
         let mp = out.join(MANIFEST);
         fs::write(&mp, mj).map_err(|e| io_err(&mp, e))?;
         if dest.exists() {
@@ -362,7 +431,8 @@ pub fn ensure_with_status(cache_dir: &Path, opts: &Options) -> Result<(Template,
     })();
     let _ = fs::remove_dir_all(&tmp);
     result?;
-    let (t, _) = load_complete(&dest, flavour).ok_or_else(|| TemplateError::Build("built entry is incomplete".into()))?;
+    let (t, _) = load_complete(&dest, flavour)
+        .ok_or_else(|| TemplateError::Build("built entry is incomplete".into()))?;
     Ok((t, CacheStatus::Built))
 }
 

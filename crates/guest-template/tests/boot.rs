@@ -10,7 +10,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn template() -> fv_guest_template::Template {
     let dir = fv_guest_template::default_cache_dir();
-    fv_guest_template::ensure(&dir).unwrap_or_else(|e| panic!("template build in {} failed: {e}", dir.display()))
+    fv_guest_template::ensure(&dir)
+        .unwrap_or_else(|e| panic!("template build in {} failed: {e}", dir.display()))
 }
 
 /// Kills QEMU on every path, including panics.
@@ -28,27 +29,46 @@ impl Drop for Qemu {
 
 impl Qemu {
     fn spawn(dir: &Path, boot_args: &[String]) -> Qemu {
+        Self::spawn_with(dir, &["-nic", "user,model=virtio-net-pci"], boot_args)
+    }
+
+    fn spawn_with(dir: &Path, extra: &[&str], boot_args: &[String]) -> Qemu {
         let serial = dir.join("serial.log");
         let qga = dir.join("qga.sock");
         let qmp = dir.join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-monitor", "none"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(["-device", "virtio-serial"])
-            .arg("-chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qga", qga.display()))
-            .args(["-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0"])
-            .args(["-nic", "user,model=virtio-net-pci"])
-            .args(boot_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64 (run scripts/install-deps): {e}"));
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(["-device", "virtio-serial"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga",
+            qga.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+        ])
+        .args(extra)
+        .args(boot_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start qemu-system-x86_64 (run scripts/install-deps): {e}")
+        });
         Qemu { child, serial }
     }
 
@@ -68,10 +88,16 @@ impl Qemu {
                 if let Some(mut e) = self.child.stderr.take() {
                     let _ = e.read_to_string(&mut err);
                 }
-                panic!("qemu exited ({st}) before the ready marker\nstderr: {err}\nserial:\n{}", self.serial_text());
+                panic!(
+                    "qemu exited ({st}) before the ready marker\nstderr: {err}\nserial:\n{}",
+                    self.serial_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("no ready marker within {READY_TIMEOUT:?}; serial:\n{}", self.serial_text());
+                panic!(
+                    "no ready marker within {READY_TIMEOUT:?}; serial:\n{}",
+                    self.serial_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -97,9 +123,13 @@ struct JsonLines {
 
 impl JsonLines {
     fn connect(path: &Path) -> JsonLines {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let s =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        JsonLines { w: s.try_clone().unwrap(), r: BufReader::new(s) }
+        JsonLines {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
     }
     fn send(&mut self, v: &Value) {
         let mut line = serde_json::to_vec(v).unwrap();
@@ -108,9 +138,13 @@ impl JsonLines {
     }
     fn recv(&mut self) -> Value {
         let mut line = String::new();
-        let n = self.r.read_line(&mut line).expect("no answer from the socket within 30 s");
+        let n = self
+            .r
+            .read_line(&mut line)
+            .expect("no answer from the socket within 30 s");
         assert!(n > 0, "socket closed");
-        serde_json::from_str(line.trim_start_matches('\u{ff}').trim()).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+        serde_json::from_str(line.trim_start_matches('\u{ff}').trim())
+            .unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
     }
     /// guest-sync until the agent echoes our id (earlier answers are stale).
     fn sync(&mut self, id: u64) {
@@ -160,7 +194,11 @@ fn b64decode(s: &str) -> Vec<u8> {
 
 /// Runs a program in the guest through guest-exec and returns its stdout.
 fn guest_exec(qga: &mut JsonLines, path: &str, args: &[&str]) -> String {
-    let pid = qga.call("guest-exec", json!({"path": path, "arg": args, "capture-output": true}))["pid"].clone();
+    let pid = qga.call(
+        "guest-exec",
+        json!({"path": path, "arg": args, "capture-output": true}),
+    )["pid"]
+        .clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = qga.call("guest-exec-status", json!({"pid": pid}));
@@ -173,11 +211,23 @@ fn guest_exec(qga: &mut JsonLines, path: &str, args: &[&str]) -> String {
     }
 }
 
+fn has_addr(ifaces: &Value, ip: &str) -> bool {
+    ifaces
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["ip-addresses"].as_array().cloned().unwrap_or_default())
+        .any(|a| a["ip-address"] == json!(ip))
+}
+
 fn check_data_fs(qga: &mut JsonLines) {
     let hello = guest_exec(qga, "/bin/cat", &["/data/hello.txt"]);
     assert_eq!(hello, fv_guest_template::SEED_CONTENT);
     let mounts = guest_exec(qga, "/bin/cat", &["/proc/self/mounts"]);
-    assert!(mounts.lines().any(|l| l.contains(" /data ext4 ")), "{mounts}");
+    assert!(
+        mounts.lines().any(|l| l.contains(" /data ext4 ")),
+        "{mounts}"
+    );
 }
 
 #[test]
@@ -188,10 +238,19 @@ fn bios_disk_boots_and_agent_works() {
     // snapshot=on: the guest's writes never reach the cached template.
     let mut q = Qemu::spawn(
         tmp.path(),
-        &["-drive".into(), format!("file={},format=raw,if=virtio,snapshot=on", t.bios_disk.display())],
+        &[
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                t.bios_disk.display()
+            ),
+        ],
     );
     let took = q.wait_ready(started);
-    eprintln!("BIOS disk: ready marker after {:.2} s (TCG)", took.as_secs_f64());
+    eprintln!(
+        "BIOS disk: ready marker after {:.2} s (TCG)",
+        took.as_secs_f64()
+    );
 
     let mut qga = JsonLines::connect(&tmp.path().join("qga.sock"));
     qga.sync(0x5eed_0001);
@@ -199,27 +258,36 @@ fn bios_disk_boots_and_agent_works() {
     qga.sync(0x5eed_0002);
 
     let ifaces = qga.call("guest-network-get-interfaces", Value::Null);
-    let has_dhcp_addr = ifaces
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|i| i["ip-addresses"].as_array().cloned().unwrap_or_default())
-        .any(|a| a["ip-address"] == json!("10.0.2.15"));
-    assert!(has_dhcp_addr, "no slirp DHCP address: {ifaces}");
+    assert!(
+        has_addr(&ifaces, "10.0.2.15"),
+        "no slirp DHCP address: {ifaces}"
+    );
 
     check_data_fs(&mut qga);
-    assert_eq!(qga.call("guest-get-host-name", Value::Null)["host-name"], json!("fvguest"));
+    assert_eq!(
+        qga.call("guest-get-host-name", Value::Null)["host-name"],
+        json!("fvguest")
+    );
 
     let frozen = qga.call("guest-fsfreeze-freeze", Value::Null);
     assert!(frozen.as_u64().unwrap() >= 1, "froze {frozen}");
-    assert_eq!(qga.call("guest-fsfreeze-status", Value::Null), json!("frozen"));
+    assert_eq!(
+        qga.call("guest-fsfreeze-status", Value::Null),
+        json!("frozen")
+    );
     let thawed = qga.call("guest-fsfreeze-thaw", Value::Null);
     assert!(thawed.as_u64().unwrap() >= 1, "thawed {thawed}");
-    assert_eq!(qga.call("guest-fsfreeze-status", Value::Null), json!("thawed"));
+    assert_eq!(
+        qga.call("guest-fsfreeze-status", Value::Null),
+        json!("thawed")
+    );
 
     // guest-shutdown has no success reply: the guest powers off and QEMU exits.
     qga.send(&json!({"execute": "guest-shutdown"}));
-    assert!(q.wait_exit(Duration::from_secs(60)), "guest did not power off after guest-shutdown");
+    assert!(
+        q.wait_exit(Duration::from_secs(60)),
+        "guest did not power off after guest-shutdown"
+    );
 }
 
 #[test]
@@ -238,11 +306,17 @@ fn direct_boot_with_data_disk() {
             "-append".into(),
             t.cmdline.clone(),
             "-drive".into(),
-            format!("file={},format=raw,if=virtio,snapshot=on", t.data_disk.display()),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                t.data_disk.display()
+            ),
         ],
     );
     let took = q.wait_ready(started);
-    eprintln!("direct boot: ready marker after {:.2} s (TCG)", took.as_secs_f64());
+    eprintln!(
+        "direct boot: ready marker after {:.2} s (TCG)",
+        took.as_secs_f64()
+    );
 
     let mut qga = JsonLines::connect(&tmp.path().join("qga.sock"));
     qga.sync(0x5eed_0003);
@@ -255,7 +329,10 @@ fn direct_boot_with_data_disk() {
     qmp.send(&json!({"execute": "qmp_capabilities"}));
     assert_eq!(qmp.recv()["return"], json!({}));
     qmp.send(&json!({"execute": "system_powerdown"}));
-    assert!(q.wait_exit(Duration::from_secs(60)), "guest ignored the ACPI power button");
+    assert!(
+        q.wait_exit(Duration::from_secs(60)),
+        "guest ignored the ACPI power button"
+    );
 }
 
 #[test]
@@ -276,6 +353,54 @@ fn concurrent_ensure_agrees() {
     }
     let m = fv_guest_template::manifest(&all[0]).unwrap();
     assert_eq!(m.cache_key, all[0].cache_key);
-    assert!(m.packages.contains_key("qemu-guest-agent"), "{:?}", m.packages);
+    assert!(
+        m.packages.contains_key("qemu-guest-agent"),
+        "{:?}",
+        m.packages
+    );
     assert!(m.packages.contains_key(&m.kernel_package));
+}
+
+/// The generic kernel flavour drives the emulated ("legacy") hardware: an AHCI
+/// disk on q35 and an e1000 NIC.
+#[test]
+fn generic_kernel_boots_from_ahci_with_e1000() {
+    let dir = fv_guest_template::default_cache_dir();
+    let opts = fv_guest_template::Options {
+        kernel: fv_guest_template::KernelFlavour::Generic,
+    };
+    let t = fv_guest_template::ensure_with(&dir, &opts)
+        .unwrap_or_else(|e| panic!("generic template build failed: {e}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut q = Qemu::spawn_with(
+        tmp.path(),
+        &["-machine", "q35", "-nic", "user,model=e1000"],
+        // On q35, if=ide is the ICH9 AHCI controller.
+        &[
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=ide,snapshot=on",
+                t.bios_disk.display()
+            ),
+        ],
+    );
+    let took = q.wait_ready(started);
+    eprintln!(
+        "generic kernel, AHCI + e1000: ready marker after {:.2} s (TCG)",
+        took.as_secs_f64()
+    );
+    let mut qga = JsonLines::connect(&tmp.path().join("qga.sock"));
+    qga.sync(0x5eed_0004);
+    let ifaces = qga.call("guest-network-get-interfaces", Value::Null);
+    assert!(
+        has_addr(&ifaces, "10.0.2.15"),
+        "no DHCP address over e1000: {ifaces}"
+    );
+    check_data_fs(&mut qga);
+    let mounts = guest_exec(&mut qga, "/bin/cat", &["/proc/self/mounts"]);
+    assert!(
+        mounts.lines().any(|l| l.starts_with("/dev/sda2 /data ")),
+        "{mounts}"
+    );
 }

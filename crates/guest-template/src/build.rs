@@ -30,8 +30,9 @@ pub const DATA_LABEL: &str = "fvdata";
 /// every console byte is an emulated UART write.
 /// `edd=off` skips BIOS disk probing in the real-mode setup; `mitigations=off`
 /// drops page-table isolation, whose CR3 switches flush TCG's soft TLB.
+/// `cryptomgr.notests` skips the boot-time crypto self-tests.
 pub const BASE_CMDLINE: &str =
-    "rdinit=/init quiet loglevel=3 edd=off tsc=reliable no_timer_check mitigations=off";
+    "rdinit=/init quiet loglevel=3 edd=off tsc=reliable no_timer_check mitigations=off cryptomgr.notests";
 
 pub fn direct_cmdline() -> String {
     format!("console=ttyS0 {BASE_CMDLINE}")
@@ -326,7 +327,20 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     index_modules(&moddir.join("kernel"), &mut index)?;
     let mut order: Vec<String> = Vec::new();
     let mut state: BTreeMap<String, bool> = BTreeMap::new();
-    for m in REQUIRED_MODULES.iter().chain(OPTIONAL_MODULES) {
+    // Hyper-V modules go last, so the guest can skip them (and whatever only
+    // they pulled in) as one group.
+    let is_hv = |m: &str| m.starts_with("hv_");
+    let wanted: Vec<&str> = REQUIRED_MODULES
+        .iter()
+        .chain(OPTIONAL_MODULES.iter().filter(|m| !is_hv(m)))
+        .chain(OPTIONAL_MODULES.iter().filter(|m| is_hv(m)))
+        .copied()
+        .collect();
+    let mut first_hv: Option<usize> = None;
+    for m in wanted {
+        if is_hv(m) && first_hv.is_none() {
+            first_hv = Some(order.len());
+        }
         let m = norm_mod(m);
         if builtin.contains(&m) {
             continue;
@@ -342,7 +356,7 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
         visit_module(&m, &index, &builtin, &mut state, &mut order)?;
     }
     let mut list = String::new();
-    for m in &order {
+    for (i, m) in order.iter().enumerate() {
         let p = index
             .get(m)
             .ok_or_else(|| TemplateError::Build(format!("module {m} vanished")))?;
@@ -352,8 +366,12 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
             .unwrap_or_default()
             .to_string();
         tree.file(&format!("usr/lib/modules/{file}"), 0o644, read(p)?);
-        list.push_str(&file);
-        list.push('\n');
+        let group = if first_hv.is_some_and(|f| i >= f) {
+            "hv"
+        } else {
+            "all"
+        };
+        list.push_str(&format!("{group} {file}\n"));
     }
     tree.file("etc/fv-modules", 0o644, list.into_bytes());
 

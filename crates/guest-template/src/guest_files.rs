@@ -12,6 +12,11 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
+dbg=""
+case " $(cat /proc/cmdline) " in *" fv.debug "*) dbg=1 ;; esac
+# Boot-phase timestamps on the console with `fv.debug` on the kernel command line.
+t() { [ -z "$dbg" ] || echo "fv-init: $(cut -d' ' -f1 /proc/uptime) $*"; }
+t start
 
 # busybox poweroff/reboot/halt (without -f) signal PID 1: act on them.
 trap 'exec /sbin/fv-halt poweroff' USR2
@@ -20,15 +25,16 @@ trap 'exec /sbin/fv-halt halt' USR1
 
 # Modules in dependency order, computed at build time from .modinfo depends=.
 # A failing insmod (no such hardware, e.g. hv_vmbus outside Hyper-V) is fine.
-# Hyper-V drivers only when the VMBus module could attach.
-nohv=""
-while read -r m; do
-  case "$m" in
-    hv_vmbus.ko) insmod "/lib/modules/$m" 2>/dev/null || nohv=1 ;;
-    hv_*) [ -n "$nohv" ] || insmod "/lib/modules/$m" 2>/dev/null ;;
-    *) insmod "/lib/modules/$m" 2>/dev/null ;;
-  esac
+# Lines are "<group> <file>"; group "hv" (Hyper-V VMBus drivers and what only
+# they need) is loaded only on Hyper-V.
+hv=""
+dmesg | grep -q "Hypervisor detected: Microsoft" && hv=1
+while read -r grp m; do
+  [ "$grp" = hv ] && [ -z "$hv" ] && continue
+  t "insmod $m"
+  insmod "/lib/modules/$m" 2>/dev/null
 done </etc/fv-modules
+t modules loaded
 
 host=fvguest
 for a in $(cat /proc/cmdline); do
@@ -56,6 +62,7 @@ if [ -n "$nic" ]; then
   udhcpc -f -i "$nic" -s /etc/udhcpc.script -t 4 -T 1 -A 2 -x "hostname:$host" >/run/udhcpc.log 2>&1 &
 fi
 
+t network started
 # The data filesystem, found by label (partition 2 of the BIOS disk, or the
 # separate data disk in the direct-boot variant). Disk probing can lag insmod.
 dev=""
@@ -71,6 +78,7 @@ else
   echo "fv-init: no filesystem labelled fvdata"
 fi
 
+t data mounted
 # ACPI power button -> /etc/acpi/PWRF/00000080 (busybox acpid's default map).
 acpid -c /etc/acpi -l /run/acpid.log 2>/dev/null
 
@@ -89,6 +97,7 @@ else
   echo "fv-init: no virtio-serial port org.qemu.guest_agent.0; qemu-ga not started"
 fi
 
+t agent started
 # Ready implies an address when a NIC exists (bounded: no DHCP server is fine).
 if [ -n "$nic" ]; then
   i=0
@@ -98,6 +107,7 @@ if [ -n "$nic" ]; then
   done
 fi
 
+t network configured
 echo "FERROVISOR-GUEST-READY" >/dev/ttyS0
 [ -c /dev/ttyS0 ] || echo "FERROVISOR-GUEST-READY"
 

@@ -12,6 +12,7 @@ pub const CONFIG_VERSION: u32 = 1;
 
 /// Hyper-V's VM states (plus Critical for failures, with a cause alongside).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "PascalCase")]
 pub enum VmState {
     Off,
@@ -32,6 +33,7 @@ impl std::fmt::Display for VmState {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Generation {
     #[serde(rename = "1")]
     Gen1,
@@ -40,6 +42,7 @@ pub enum Generation {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AutomaticStartAction {
     Nothing,
@@ -49,6 +52,7 @@ pub enum AutomaticStartAction {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AutomaticStopAction {
     #[default]
@@ -58,6 +62,7 @@ pub enum AutomaticStopAction {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CpuConfig {
     pub count: u32,
     /// Percent of one logical processor per vCPU reserved (0-100).
@@ -76,6 +81,7 @@ fn default_100() -> u32 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ControllerKind {
     Ide,
@@ -84,6 +90,7 @@ pub enum ControllerKind {
 
 /// Where a drive sits: IDE 0-1 / location 0-1, SCSI 0-3 / location 0-63.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Slot {
     pub controller: ControllerKind,
     pub controller_number: u32,
@@ -91,6 +98,7 @@ pub struct Slot {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HardDrive {
     pub slot: Slot,
     /// Image path (VHD/VHDX/raw); relative paths are relative to the VM folder.
@@ -100,6 +108,7 @@ pub struct HardDrive {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DvdDrive {
     pub slot: Slot,
     /// ISO image or none (empty drive).
@@ -107,6 +116,7 @@ pub struct DvdDrive {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NicKind {
     /// virtio-net
@@ -116,16 +126,20 @@ pub enum NicKind {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NicConnection {
     NotConnected,
     /// QEMU user networking (slirp), for tests until switches land.
     User,
     /// A virtual switch by name (switch issue).
-    Switch { name: String },
+    Switch {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NetworkAdapter {
     pub id: Uuid,
     pub name: String,
@@ -144,6 +158,7 @@ impl NetworkAdapter {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BootDevice {
     Ide,
@@ -154,6 +169,7 @@ pub enum BootDevice {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct VmConfig {
     pub version: u32,
     pub id: Uuid,
@@ -197,6 +213,7 @@ fn default_com() -> [bool; 2] {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DirectBoot {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -210,7 +227,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, reason: reason.into() }
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 impl VmConfig {
@@ -221,11 +241,21 @@ impl VmConfig {
             name: name.to_string(),
             notes: String::new(),
             generation,
-            cpu: CpuConfig { count: 1, reserve_percent: 0, limit_percent: 100, weight: 100 },
+            cpu: CpuConfig {
+                count: 1,
+                reserve_percent: 0,
+                limit_percent: 100,
+                weight: 100,
+            },
             memory_mib: 512,
             secure_boot: false,
             boot_order: match generation {
-                Generation::Gen1 => vec![BootDevice::Cd, BootDevice::Ide, BootDevice::Network, BootDevice::Floppy],
+                Generation::Gen1 => vec![
+                    BootDevice::Cd,
+                    BootDevice::Ide,
+                    BootDevice::Network,
+                    BootDevice::Floppy,
+                ],
                 Generation::Gen2 => vec![BootDevice::Scsi, BootDevice::Network, BootDevice::Cd],
             },
             hard_drives: Vec::new(),
@@ -273,13 +303,25 @@ impl VmConfig {
                 ControllerKind::Scsi => (4, 64),
             };
             if s.controller_number >= ctrls || s.location >= locs {
-                return Err(invalid("slot", format!("{:?} {}:{} does not exist", s.controller, s.controller_number, s.location)));
+                return Err(invalid(
+                    "slot",
+                    format!(
+                        "{:?} {}:{} does not exist",
+                        s.controller, s.controller_number, s.location
+                    ),
+                ));
             }
             if self.generation == Generation::Gen2 && s.controller == ControllerKind::Ide {
                 return Err(invalid("slot", "generation 2 VMs have no IDE controller"));
             }
             if slots.contains(&s) {
-                return Err(invalid("slot", format!("{:?} {}:{} is used twice", s.controller, s.controller_number, s.location)));
+                return Err(invalid(
+                    "slot",
+                    format!(
+                        "{:?} {}:{} is used twice",
+                        s.controller, s.controller_number, s.location
+                    ),
+                ));
             }
             slots.push(s);
         }
@@ -303,7 +345,17 @@ mod tests {
         c.cpu.weight = 0;
         assert!(c.validate().is_err());
         let mut g2 = VmConfig::new("b", Generation::Gen2);
-        g2.dvd_drives.push(DvdDrive { slot: Slot { controller: ControllerKind::Ide, controller_number: 0, location: 0 }, path: None });
+        g2.dvd_drives.push(DvdDrive {
+            slot: Slot {
+                controller: ControllerKind::Ide,
+                controller_number: 0,
+                location: 0,
+            },
+            path: None,
+        });
         assert!(g2.validate().is_err());
     }
 }
+
+/// Types of the fvd REST API (shared by fvd and the `fv` CLI).
+pub mod api;

@@ -1,0 +1,14 @@
+//! fvd, the Ferrovisor host service (Hyper-V's VMMS): VM registry, state machine,
+//! admission control, jobs, events and the REST API on a Unix socket.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod client;
+pub mod db;
+pub mod events;
+pub mod host;
+pub mod jobs;
+pub mod manager;
+pub mod server;
+pub mod util;
+pub mod worker;

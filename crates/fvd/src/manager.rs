@@ -1,0 +1,2200 @@
+//! The VM manager: registry, state machine, admission control, MAC pool, workers.
+//!
+//! Locking: `vms` (a plain mutex) is never held across an await. State transitions that
+//! must be atomic with their checks (start's admission, save, stop) happen under it.
+use crate::db::{Db, VmRow};
+use crate::events::Events;
+use crate::host::{self, Cgroups};
+use crate::jobs::{JobHandle, Jobs};
+use crate::util;
+use crate::worker::{CallError, WorkerConn, WorkerMsg};
+use fv_model::api::*;
+use fv_model::{
+    AutomaticStartAction, AutomaticStopAction, ControllerKind, DvdDrive, Generation, HardDrive,
+    NetworkAdapter, NicConnection, NicKind, Slot, VmConfig, VmState,
+};
+use fv_worker_proto::{Event, LaunchSpec, Op, WorkerStatus};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+/// An error of a manager operation, mapped to an HTTP status by the API layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MgrError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    InvalidState { message: String, state: VmState },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Admission(String),
+    #[error("{0}")]
+    MacPoolExhausted(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl MgrError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            MgrError::NotFound(_) => "not_found",
+            MgrError::InvalidState { .. } => "invalid_state",
+            MgrError::BadRequest(_) => "bad_request",
+            MgrError::Conflict(_) => "conflict",
+            MgrError::Admission(_) => "admission_refused",
+            MgrError::MacPoolExhausted(_) => "mac_pool_exhausted",
+            MgrError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> MgrError {
+    MgrError::Internal(e.to_string())
+}
+
+pub type Result<T> = std::result::Result<T, MgrError>;
+
+/// Messages from all worker connections: (VM, connection serial, message).
+pub type WorkerRx = mpsc::UnboundedReceiver<(Uuid, u64, WorkerMsg)>;
+
+/// Where things live and which binaries fvd uses.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub worker_bin: PathBuf,
+    pub qemu_binary: PathBuf,
+}
+
+/// Exit fvd expects from a worker (so its end is not a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Off,
+    Saved,
+}
+
+struct Vm {
+    config: VmConfig,
+    row: VmRow,
+    worker: Option<Arc<WorkerConn>>,
+    status: Option<(WorkerStatus, Instant)>,
+    expect: Option<Expect>,
+    guest_ready: bool,
+    accel: Option<String>,
+    last_exit: Option<String>,
+    last_recovery: Option<Instant>,
+    shutdown_timed_out: bool,
+    /// Job to which SaveProgress events are reported.
+    progress_job: Option<JobHandle>,
+}
+
+impl Vm {
+    fn vm_dir(&self) -> PathBuf {
+        self.row
+            .config_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+    /// Counts against the host's CPU/memory: a worker exists or is being started.
+    fn active(&self) -> bool {
+        self.worker.is_some()
+            || matches!(
+                self.row.state,
+                VmState::Starting
+                    | VmState::Running
+                    | VmState::Paused
+                    | VmState::Saving
+                    | VmState::Stopping
+                    | VmState::Resetting
+            )
+    }
+}
+
+pub struct Manager {
+    pub paths: Paths,
+    pub db: Arc<Db>,
+    pub events: Events,
+    pub jobs: Arc<Jobs>,
+    pub cgroups: Cgroups,
+    settings: Mutex<HostSettings>,
+    vms: Mutex<HashMap<Uuid, Vm>>,
+    worker_tx: mpsc::UnboundedSender<(Uuid, u64, WorkerMsg)>,
+    changed: watch::Sender<u64>,
+    pub shutdown: tokio::sync::Notify,
+    shutting_down: AtomicBool,
+}
+
+fn default_settings(state_dir: &Path) -> HostSettings {
+    HostSettings {
+        vm_folder: state_dir.join("vms"),
+        disk_folder: state_dir.join("disks"),
+        mac_pool_start: host::default_mac_pool_start(),
+        mac_pool_size: 256,
+        allow_memory_overcommit: false,
+        cpu_reserve_pool_percent: 100,
+        accel: AccelSetting::Auto,
+        recovery_action: RecoveryAction::RestartOnce,
+        shutdown_timeout_s: 120,
+    }
+}
+
+const HW_EDITABLE_WHEN_ON: &[&str] = &[
+    "name",
+    "notes",
+    "automatic_start_action",
+    "automatic_start_delay_s",
+    "automatic_stop_action",
+];
+
+fn read_config(path: &Path) -> std::result::Result<VmConfig, String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&s).map_err(|e| format!("cannot parse {}: {e}", path.display()))
+}
+
+fn write_config(path: &Path, c: &VmConfig) -> Result<()> {
+    let s = serde_json::to_vec_pretty(c).map_err(internal)?;
+    util::atomic_write(path, &s)
+        .map_err(|e| MgrError::Internal(format!("cannot write {}: {e}", path.display())))
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+impl Manager {
+    pub fn open(paths: Paths) -> anyhow::Result<(Arc<Manager>, WorkerRx)> {
+        std::fs::create_dir_all(&paths.state_dir)?;
+        std::fs::create_dir_all(paths.runtime_dir.join("vms"))?;
+        std::fs::create_dir_all(paths.state_dir.join("logs"))?;
+        let db = Arc::new(Db::open(&paths.state_dir.join("fvd.db"))?);
+        let settings = match db.settings()? {
+            Some(s) => s,
+            None => {
+                let s = default_settings(&paths.state_dir);
+                db.put_settings(&s)?;
+                s
+            }
+        };
+        let events = Events::new(db.clone());
+        let jobs = Jobs::new(db.clone(), events.clone());
+        let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+        let (changed, _) = watch::channel(0);
+        let m = Arc::new(Manager {
+            paths,
+            db,
+            events,
+            jobs,
+            cgroups: Cgroups::detect(),
+            settings: Mutex::new(settings),
+            vms: Mutex::new(HashMap::new()),
+            worker_tx,
+            changed,
+            shutdown: tokio::sync::Notify::new(),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok((m, worker_rx))
+    }
+
+    /// Dispatch worker events forever.
+    pub async fn run_worker_events(self: Arc<Self>, mut rx: WorkerRx) {
+        while let Some((vm, serial, msg)) = rx.recv().await {
+            self.on_worker_msg(vm, serial, msg);
+        }
+    }
+
+    pub fn settings(&self) -> HostSettings {
+        self.settings.lock().clone()
+    }
+
+    pub fn update_settings(&self, p: HostSettingsPatch) -> Result<HostSettings> {
+        let mut s = self.settings();
+        if let Some(v) = p.vm_folder {
+            s.vm_folder = v;
+        }
+        if let Some(v) = p.disk_folder {
+            s.disk_folder = v;
+        }
+        if let Some(v) = p.mac_pool_start {
+            let m = host::parse_mac(&v).ok_or_else(|| {
+                MgrError::BadRequest(format!("mac_pool_start: {v:?} is not a MAC address"))
+            })?;
+            s.mac_pool_start = host::format_mac(m);
+        }
+        if let Some(v) = p.mac_pool_size {
+            if !(1..=65536).contains(&v) {
+                return Err(MgrError::BadRequest("mac_pool_size must be 1-65536".into()));
+            }
+            s.mac_pool_size = v;
+        }
+        if let Some(v) = p.allow_memory_overcommit {
+            s.allow_memory_overcommit = v;
+        }
+        if let Some(v) = p.cpu_reserve_pool_percent {
+            if v > 100 {
+                return Err(MgrError::BadRequest(
+                    "cpu_reserve_pool_percent must be 0-100".into(),
+                ));
+            }
+            s.cpu_reserve_pool_percent = v;
+        }
+        if let Some(v) = p.accel {
+            s.accel = v;
+        }
+        if let Some(v) = p.recovery_action {
+            s.recovery_action = v;
+        }
+        if let Some(v) = p.shutdown_timeout_s {
+            s.shutdown_timeout_s = v;
+        }
+        let start = host::parse_mac(&s.mac_pool_start).unwrap_or(0);
+        if start + s.mac_pool_size as u64 > 1 << 48 {
+            return Err(MgrError::BadRequest(
+                "the MAC pool runs past FF:FF:FF:FF:FF:FF".into(),
+            ));
+        }
+        self.db.put_settings(&s).map_err(internal)?;
+        *self.settings.lock() = s.clone();
+        self.events.emit(
+            "host.reconfigured",
+            None,
+            None,
+            "host settings changed".into(),
+            None,
+        );
+        Ok(s)
+    }
+
+    pub fn host_view(&self) -> HostView {
+        let s = self.settings();
+        let (total, avail) = util::meminfo_mib();
+        let (accel, why) = host::resolve_accel(s.accel);
+        let cpus = util::logical_cpus();
+        let vms = self.vms.lock();
+        let active: Vec<&Vm> = vms.values().filter(|v| v.active()).collect();
+        HostView {
+            hostname: util::hostname(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            logical_cpus: cpus,
+            memory_total_mib: total,
+            memory_available_mib: avail,
+            accel,
+            accel_reason: why,
+            cgroup: self.cgroups.name().to_string(),
+            cpu_reserve_capacity_percent: cpus as u64 * s.cpu_reserve_pool_percent as u64,
+            cpu_reserved_percent: active
+                .iter()
+                .map(|v| v.config.cpu.reserve_percent as u64 * v.config.cpu.count as u64)
+                .sum(),
+            memory_assigned_mib: active.iter().map(|v| v.config.memory_mib).sum(),
+            vms: vms.len() as u32,
+            vms_running: active.len() as u32,
+            mac_pool_used: self.db.macs().map(|m| m.len() as u32).unwrap_or(0),
+            state_dir: self.paths.state_dir.clone(),
+            runtime_dir: self.paths.runtime_dir.clone(),
+            settings: s,
+        }
+    }
+
+    // ---------- registry ----------
+
+    /// Find a VM by id or (unique) name.
+    pub fn resolve(&self, key: &str) -> Result<Uuid> {
+        let vms = self.vms.lock();
+        if let Ok(id) = Uuid::parse_str(key) {
+            if vms.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        let hits: Vec<Uuid> = vms
+            .values()
+            .filter(|v| v.config.name == key)
+            .map(|v| v.config.id)
+            .collect();
+        match hits.len() {
+            0 => Err(MgrError::NotFound(format!(
+                "no VM named or with id {key:?}"
+            ))),
+            1 => Ok(hits[0]),
+            n => Err(MgrError::Conflict(format!(
+                "{n} VMs are named {key:?}; use the id"
+            ))),
+        }
+    }
+
+    pub fn list(&self) -> Vec<VmView> {
+        let vms = self.vms.lock();
+        let mut v: Vec<VmView> = vms.values().map(|vm| self.view_of(vm)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn view_of(&self, vm: &Vm) -> VmView {
+        let (worker_pid, qemu_pid, uptime, com) = match &vm.status {
+            Some((s, at)) if vm.worker.is_some() => (
+                Some(s.worker_pid),
+                s.qemu_pid,
+                Some(s.uptime_s + at.elapsed().as_secs()),
+                s.com_sockets.clone(),
+            ),
+            _ => (None, None, None, vec![]),
+        };
+        VmView {
+            id: vm.config.id,
+            name: vm.config.name.clone(),
+            state: vm.row.state,
+            state_reason: vm.row.state_reason.clone(),
+            vm_dir: vm.vm_dir(),
+            config_path: vm.row.config_path.clone(),
+            config: vm.config.clone(),
+            has_saved_state: vm.row.saved_dir.is_some(),
+            worker_pid,
+            qemu_pid,
+            uptime_s: uptime,
+            com_sockets: com,
+            guest_ready: vm.guest_ready,
+            accel: if vm.worker.is_some() {
+                vm.accel.clone()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// The VM's view, with fresh worker status when it has a worker.
+    pub async fn view(&self, id: Uuid) -> Result<VmView> {
+        let w = self.vms.lock().get(&id).and_then(|v| v.worker.clone());
+        if let Some(w) = w {
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(3), w.status()).await {
+                if let Some(vm) = self.vms.lock().get_mut(&id) {
+                    if vm.worker.as_ref().is_some_and(|x| x.serial == w.serial) {
+                        vm.status = Some((st, Instant::now()));
+                    }
+                }
+            }
+        }
+        let vms = self.vms.lock();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("VM {id} is gone")))?;
+        Ok(self.view_of(vm))
+    }
+
+    fn set_state(&self, id: Uuid, state: VmState, reason: Option<String>) {
+        let mut vms = self.vms.lock();
+        let Some(vm) = vms.get_mut(&id) else { return };
+        self.set_state_locked(vm, state, reason);
+    }
+
+    fn set_state_locked(&self, vm: &mut Vm, state: VmState, reason: Option<String>) {
+        let changed = vm.row.state != state || vm.row.state_reason != reason;
+        vm.row.state = state;
+        vm.row.state_reason = reason.clone();
+        if matches!(state, VmState::Running | VmState::Paused) {
+            vm.row.was_running = true;
+        } else if matches!(state, VmState::Off) {
+            vm.row.was_running = false;
+        }
+        if let Err(e) = self.db.put_vm(&vm.row) {
+            tracing::error!("cannot store VM state: {e}");
+        }
+        if changed {
+            let msg = match &reason {
+                Some(r) => format!("{} is {state}: {r}", vm.config.name),
+                None => format!("{} is {state}", vm.config.name),
+            };
+            self.events.emit(
+                "vm.state_changed",
+                Some(vm.config.id),
+                None,
+                msg,
+                Some(state),
+            );
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn invalid_state(vm: &Vm, action: &str) -> MgrError {
+        let state = vm.row.state;
+        let extra = match &vm.row.state_reason {
+            Some(r) if state == VmState::Critical => format!(" ({r})"),
+            _ => String::new(),
+        };
+        MgrError::InvalidState {
+            message: format!(
+                "cannot {action} VM {:?}: it is {state}{extra}",
+                vm.config.name
+            ),
+            state,
+        }
+    }
+
+    /// Merge `patch` (a JSON object) onto `base`'s JSON form.
+    fn merge(
+        base: &VmConfig,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<VmConfig> {
+        let mut v = serde_json::to_value(base).map_err(internal)?;
+        if let Some(o) = v.as_object_mut() {
+            for (k, val) in patch {
+                if k == "id" || k == "version" {
+                    if o.get(k) != Some(val) {
+                        return Err(MgrError::BadRequest(format!("{k} cannot be changed")));
+                    }
+                    continue;
+                }
+                if k == "network_adapters" {
+                    o.insert(k.clone(), Self::fill_nics(val.clone()));
+                } else {
+                    o.insert(k.clone(), val.clone());
+                }
+            }
+        }
+        serde_json::from_value(v)
+            .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))
+    }
+
+    /// Let callers omit ids/names/MAC fields of new adapters.
+    fn fill_nics(v: serde_json::Value) -> serde_json::Value {
+        let serde_json::Value::Array(items) = v else {
+            return v;
+        };
+        let items = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut n)| {
+                if let Some(o) = n.as_object_mut() {
+                    o.entry("id")
+                        .or_insert_with(|| serde_json::Value::String(Uuid::new_v4().to_string()));
+                    o.entry("name").or_insert_with(|| {
+                        serde_json::Value::String(format!("Network Adapter {}", i + 1))
+                    });
+                    o.entry("kind")
+                        .or_insert_with(|| serde_json::json!("synthetic"));
+                    o.entry("static_mac").or_insert(serde_json::Value::Null);
+                    o.entry("dynamic_mac").or_insert(serde_json::Value::Null);
+                    o.entry("connection")
+                        .or_insert_with(|| serde_json::json!({"type": "not_connected"}));
+                }
+                n
+            })
+            .collect();
+        serde_json::Value::Array(items)
+    }
+
+    /// Checks beyond `VmConfig::validate`: host limits and MAC uniqueness.
+    fn check_config(&self, c: &mut VmConfig, vms: &HashMap<Uuid, Vm>) -> Result<()> {
+        c.validate()
+            .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))?;
+        let cpus = util::logical_cpus();
+        if c.cpu.count > cpus {
+            return Err(MgrError::BadRequest(format!(
+                "{} virtual processors requested; this host has {cpus} logical processors",
+                c.cpu.count
+            )));
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for n in c.network_adapters.iter_mut() {
+            if let Some(m) = &n.static_mac {
+                let norm = host::normalize_static_mac(m).ok_or_else(|| {
+                    MgrError::BadRequest(format!("{m:?} is not a unicast MAC address"))
+                })?;
+                n.static_mac = Some(norm);
+            }
+            if let Some(m) = n.mac() {
+                if seen.iter().any(|s| s == m) {
+                    return Err(MgrError::Conflict(format!(
+                        "MAC {m} is used twice in this VM"
+                    )));
+                }
+                seen.push(m.to_string());
+            }
+        }
+        for other in vms.values().filter(|o| o.config.id != c.id) {
+            for n in &other.config.network_adapters {
+                if let Some(m) = n.mac() {
+                    if c.network_adapters
+                        .iter()
+                        .any(|x| x.static_mac.as_deref() == Some(m))
+                    {
+                        return Err(MgrError::Conflict(format!(
+                            "MAC {m} is already used by VM {:?}",
+                            other.config.name
+                        )));
+                    }
+                }
+            }
+        }
+        // A static MAC that is currently handed out by the pool would collide later.
+        if let Ok(alloc) = self.db.macs() {
+            for (m, vm, _) in alloc {
+                if vm != c.id
+                    && c.network_adapters
+                        .iter()
+                        .any(|x| x.static_mac.as_deref() == Some(m.as_str()))
+                {
+                    return Err(MgrError::Conflict(format!(
+                        "MAC {m} is allocated from the pool to another VM"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn create(&self, req: NewVmRequest) -> Result<VmView> {
+        if req.name.trim().is_empty() {
+            return Err(MgrError::BadRequest("name must not be empty".into()));
+        }
+        let base = VmConfig::new(&req.name, req.generation.unwrap_or(Generation::Gen2));
+        let mut patch = req.config.clone();
+        patch.remove("id");
+        patch.remove("version");
+        let mut c = Self::merge(&base, &patch)?;
+        let dir = req
+            .vm_dir
+            .clone()
+            .unwrap_or_else(|| self.settings().vm_folder.join(c.id.to_string()));
+        let config_path = dir.join(format!("{}.json", c.id));
+        let mut vms = self.vms.lock();
+        self.check_config(&mut c, &vms)?;
+        Self::check_files(&c, &dir)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| MgrError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        write_config(&config_path, &c)?;
+        let row = VmRow {
+            id: c.id,
+            config_path,
+            state: VmState::Off,
+            state_reason: None,
+            saved_dir: None,
+            was_running: false,
+        };
+        self.db.put_vm(&row).map_err(internal)?;
+        let vm = Vm::new(c, row);
+        let view = self.view_of(&vm);
+        self.events.emit(
+            "vm.created",
+            Some(view.id),
+            None,
+            format!("VM {:?} created", view.name),
+            Some(VmState::Off),
+        );
+        vms.insert(view.id, vm);
+        Ok(view)
+    }
+
+    fn resolve_path(dir: &Path, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        }
+    }
+
+    /// Disk and ISO files must exist when configured (Hyper-V refuses missing files too).
+    fn check_files(c: &VmConfig, dir: &Path) -> Result<()> {
+        let mut paths: Vec<&Path> = c.hard_drives.iter().map(|d| d.path.as_path()).collect();
+        paths.extend(c.dvd_drives.iter().filter_map(|d| d.path.as_deref()));
+        if let Some(db) = &c.direct_boot {
+            paths.push(&db.kernel);
+            if let Some(i) = &db.initrd {
+                paths.push(i);
+            }
+        }
+        for p in paths {
+            let full = Self::resolve_path(dir, p);
+            if !full.is_file() {
+                return Err(MgrError::BadRequest(format!(
+                    "{} does not exist or is not a file",
+                    full.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reconfigure: merge a partial config. Hardware changes need the VM Off.
+    pub fn reconfigure(
+        &self,
+        id: Uuid,
+        patch: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<VmView> {
+        let mut vms = self.vms.lock();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        let old = vm.config.clone();
+        let mut c = Self::merge(&old, &patch)?;
+        let old_v = serde_json::to_value(&old).map_err(internal)?;
+        let new_v = serde_json::to_value(&c).map_err(internal)?;
+        let hw_changed: Vec<String> = match (old_v.as_object(), new_v.as_object()) {
+            (Some(a), Some(b)) => b
+                .iter()
+                .filter(|(k, v)| {
+                    !HW_EDITABLE_WHEN_ON.contains(&k.as_str()) && a.get(*k) != Some(*v)
+                })
+                .map(|(k, _)| k.clone())
+                .collect(),
+            _ => vec![],
+        };
+        if !hw_changed.is_empty() && (vm.row.state != VmState::Off || vm.worker.is_some()) {
+            let mut e = Self::invalid_state(vm, &format!("change {} of", hw_changed.join(", ")));
+            if let MgrError::InvalidState { message, .. } = &mut e {
+                message.push_str(" (hardware changes need the VM Off)");
+            }
+            return Err(e);
+        }
+        self.check_config(&mut c, &vms)?;
+        let vm = vms
+            .get_mut(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        Self::check_files(&c, &vm.vm_dir())?;
+        // Adapters removed: their dynamic MACs go back to the pool.
+        for n in &old.network_adapters {
+            if !c
+                .network_adapters
+                .iter()
+                .any(|x| x.id == n.id && x.dynamic_mac == n.dynamic_mac)
+            {
+                let _ = self.db.release_nic_mac(n.id);
+            }
+        }
+        write_config(&vm.row.config_path, &c)?;
+        if old.name != c.name {
+            self.events.emit(
+                "vm.renamed",
+                Some(id),
+                None,
+                format!("VM {:?} renamed to {:?}", old.name, c.name),
+                None,
+            );
+        }
+        vm.config = c;
+        self.events.emit(
+            "vm.reconfigured",
+            Some(id),
+            None,
+            format!("VM {:?} reconfigured", vm.config.name),
+            None,
+        );
+        Ok(self.view_of(vm))
+    }
+
+    pub fn config_of(&self, id: Uuid) -> Result<(VmConfig, VmState)> {
+        let vms = self.vms.lock();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        Ok((vm.config.clone(), vm.row.state))
+    }
+
+    pub fn add_disk(&self, id: Uuid, req: DiskRequest) -> Result<VmView> {
+        let (c, _) = self.config_of(id)?;
+        let slot = match req.slot {
+            Some(s) => s,
+            None => Self::free_slot(&c)?,
+        };
+        let mut drives = c.hard_drives.clone();
+        drives.push(HardDrive {
+            slot,
+            path: req.path,
+            read_only: req.read_only,
+        });
+        let mut p = serde_json::Map::new();
+        p.insert(
+            "hard_drives".into(),
+            serde_json::to_value(drives).map_err(internal)?,
+        );
+        self.reconfigure(id, p)
+    }
+
+    fn free_slot(c: &VmConfig) -> Result<Slot> {
+        let used: Vec<Slot> = c
+            .hard_drives
+            .iter()
+            .map(|d| d.slot)
+            .chain(c.dvd_drives.iter().map(|d| d.slot))
+            .collect();
+        let (kind, ctrls, locs) = match c.generation {
+            Generation::Gen1 => (ControllerKind::Ide, 2, 2),
+            Generation::Gen2 => (ControllerKind::Scsi, 4, 64),
+        };
+        for controller_number in 0..ctrls {
+            for location in 0..locs {
+                let s = Slot {
+                    controller: kind,
+                    controller_number,
+                    location,
+                };
+                if !used.contains(&s) {
+                    return Ok(s);
+                }
+            }
+        }
+        Err(MgrError::Conflict(format!("no free {kind:?} slot left")))
+    }
+
+    /// Remove a hard drive by index or by path.
+    pub fn remove_disk(&self, id: Uuid, which: &str) -> Result<VmView> {
+        let (c, _) = self.config_of(id)?;
+        let mut drives = c.hard_drives.clone();
+        let idx = match which.parse::<usize>() {
+            Ok(i) if i < drives.len() => i,
+            _ => drives
+                .iter()
+                .position(|d| d.path == Path::new(which))
+                .ok_or_else(|| {
+                    MgrError::NotFound(format!("VM {:?} has no disk {which:?}", c.name))
+                })?,
+        };
+        drives.remove(idx);
+        let mut p = serde_json::Map::new();
+        p.insert(
+            "hard_drives".into(),
+            serde_json::to_value(drives).map_err(internal)?,
+        );
+        self.reconfigure(id, p)
+    }
+
+    /// Change DVD media: in the config when Off; live through the worker when running.
+    pub async fn set_dvd(&self, id: Uuid, req: DvdRequest) -> Result<VmView> {
+        let (c, state, worker, dir) = {
+            let vms = self.vms.lock();
+            let vm = vms
+                .get(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            (
+                vm.config.clone(),
+                vm.row.state,
+                vm.worker.clone(),
+                vm.vm_dir(),
+            )
+        };
+        if let Some(p) = &req.path {
+            if !Self::resolve_path(&dir, p).is_file() {
+                return Err(MgrError::BadRequest(format!(
+                    "{} does not exist",
+                    Self::resolve_path(&dir, p).display()
+                )));
+            }
+        }
+        let mut drives = c.dvd_drives.clone();
+        if req.index >= drives.len() {
+            if req.index == drives.len() && state == VmState::Off && worker.is_none() {
+                let slot = Self::free_slot(&c)?;
+                drives.push(DvdDrive { slot, path: None });
+            } else {
+                return Err(MgrError::NotFound(format!(
+                    "VM {:?} has no DVD drive {}",
+                    c.name, req.index
+                )));
+            }
+        }
+        match (state, worker) {
+            (VmState::Running | VmState::Paused, Some(w)) => {
+                let abs = req.path.as_ref().map(|p| Self::resolve_path(&dir, p));
+                w.call(
+                    Op::ChangeMedia {
+                        dvd_index: req.index,
+                        path: abs,
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|e| MgrError::Conflict(format!("cannot change media: {e}")))?;
+            }
+            (VmState::Off, None) => {}
+            _ => {
+                let vms = self.vms.lock();
+                let vm = vms
+                    .get(&id)
+                    .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+                return Err(Self::invalid_state(vm, "change the DVD of"));
+            }
+        }
+        if let Some(d) = drives.get_mut(req.index) {
+            d.path = req.path;
+        }
+        // Write the media change straight to the config (allowed in any state).
+        let mut vms = self.vms.lock();
+        let vm = vms
+            .get_mut(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        let mut nc = vm.config.clone();
+        nc.dvd_drives = drives;
+        nc.validate()
+            .map_err(|e| MgrError::BadRequest(e.to_string()))?;
+        write_config(&vm.row.config_path, &nc)?;
+        vm.config = nc;
+        self.events.emit(
+            "vm.reconfigured",
+            Some(id),
+            None,
+            format!("VM {:?}: DVD {} media changed", vm.config.name, req.index),
+            None,
+        );
+        Ok(self.view_of(vm))
+    }
+
+    pub fn add_nic(&self, id: Uuid, req: NicRequest) -> Result<VmView> {
+        let (c, _) = self.config_of(id)?;
+        let mut nics = c.network_adapters.clone();
+        nics.push(NetworkAdapter {
+            id: Uuid::new_v4(),
+            name: req
+                .name
+                .unwrap_or_else(|| format!("Network Adapter {}", nics.len() + 1)),
+            kind: req.kind.unwrap_or(NicKind::Synthetic),
+            static_mac: req.static_mac.filter(|s| !s.is_empty()),
+            dynamic_mac: None,
+            connection: req.connection.unwrap_or(NicConnection::NotConnected),
+        });
+        let mut p = serde_json::Map::new();
+        p.insert(
+            "network_adapters".into(),
+            serde_json::to_value(nics).map_err(internal)?,
+        );
+        self.reconfigure(id, p)
+    }
+
+    fn nic_index(c: &VmConfig, which: &str) -> Result<usize> {
+        if let Ok(i) = which.parse::<usize>() {
+            if i < c.network_adapters.len() {
+                return Ok(i);
+            }
+        }
+        c.network_adapters
+            .iter()
+            .position(|n| n.id.to_string() == which || n.name == which || n.mac() == Some(which))
+            .ok_or_else(|| {
+                MgrError::NotFound(format!("VM {:?} has no network adapter {which:?}", c.name))
+            })
+    }
+
+    pub fn remove_nic(&self, id: Uuid, which: &str) -> Result<VmView> {
+        let (c, _) = self.config_of(id)?;
+        let mut nics = c.network_adapters.clone();
+        nics.remove(Self::nic_index(&c, which)?);
+        let mut p = serde_json::Map::new();
+        p.insert(
+            "network_adapters".into(),
+            serde_json::to_value(nics).map_err(internal)?,
+        );
+        self.reconfigure(id, p)
+    }
+
+    pub fn set_nic(&self, id: Uuid, which: &str, patch: NicPatch) -> Result<VmView> {
+        let (c, _) = self.config_of(id)?;
+        let mut nics = c.network_adapters.clone();
+        let i = Self::nic_index(&c, which)?;
+        if let Some(n) = nics.get_mut(i) {
+            if let Some(name) = patch.name {
+                n.name = name;
+            }
+            if let Some(m) = patch.static_mac {
+                n.static_mac = if m.is_empty() { None } else { Some(m) };
+                if n.static_mac.is_some() {
+                    n.dynamic_mac = None;
+                }
+            }
+            if let Some(conn) = patch.connection {
+                n.connection = conn;
+            }
+        }
+        let mut p = serde_json::Map::new();
+        p.insert(
+            "network_adapters".into(),
+            serde_json::to_value(nics).map_err(internal)?,
+        );
+        self.reconfigure(id, p)
+    }
+
+    /// Unregister (Off or Saved only). With `delete_files`, also delete the config, the
+    /// saved state and the disks that live inside the VM's folder (never disks elsewhere).
+    pub fn remove(&self, id: Uuid, delete_files: bool) -> Result<()> {
+        let mut vms = self.vms.lock();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        let removable = vm.worker.is_none()
+            && matches!(
+                vm.row.state,
+                VmState::Off | VmState::Saved | VmState::Critical
+            );
+        if !removable {
+            return Err(Self::invalid_state(vm, "remove"));
+        }
+        self.db.delete_vm(id).map_err(internal)?;
+        let vm = vms
+            .remove(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        if delete_files {
+            let dir = vm.vm_dir();
+            if let Some(s) = &vm.row.saved_dir {
+                let _ = std::fs::remove_dir_all(s);
+            }
+            for d in &vm.config.hard_drives {
+                let p = Self::resolve_path(&dir, &d.path);
+                if p.starts_with(&dir) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+            let _ = std::fs::remove_file(&vm.row.config_path);
+            // Only removes the folder when nothing else is left in it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        self.events.emit(
+            "vm.removed",
+            Some(id),
+            None,
+            format!(
+                "VM {:?} removed{}",
+                vm.config.name,
+                if delete_files { " with its files" } else { "" }
+            ),
+            None,
+        );
+        Ok(())
+    }
+
+    // ---------- admission and MACs ----------
+
+    /// Refuse a start the host cannot honour: CPU reserve and memory.
+    fn admit(&self, id: Uuid, vms: &HashMap<Uuid, Vm>) -> Result<()> {
+        let s = self.settings();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        let c = &vm.config;
+        let cpus = util::logical_cpus();
+        if c.cpu.count > cpus {
+            return Err(MgrError::Admission(format!(
+                "VM {:?} has {} virtual processors; this host has {cpus} logical processors",
+                c.name, c.cpu.count
+            )));
+        }
+        let capacity = cpus as u64 * s.cpu_reserve_pool_percent as u64;
+        let others: Vec<&Vm> = vms
+            .values()
+            .filter(|v| v.config.id != id && v.active())
+            .collect();
+        let reserved: u64 = others
+            .iter()
+            .map(|v| v.config.cpu.reserve_percent as u64 * v.config.cpu.count as u64)
+            .sum();
+        let need = c.cpu.reserve_percent as u64 * c.cpu.count as u64;
+        if reserved + need > capacity {
+            return Err(MgrError::Admission(format!(
+                "not enough CPU reserve: VM {:?} reserves {need}% of a logical processor, only {}% is left \
+                 (reserve pool {capacity}%, {reserved}% reserved by running VMs)",
+                c.name,
+                capacity.saturating_sub(reserved)
+            )));
+        }
+        if !s.allow_memory_overcommit {
+            let (_, avail) = util::meminfo_mib();
+            // Running VMs have not touched all their memory yet; what they may still take
+            // is not available.
+            let pending: u64 = others
+                .iter()
+                .map(|v| {
+                    let rss = v
+                        .status
+                        .as_ref()
+                        .and_then(|(st, _)| st.qemu_pid)
+                        .map(util::rss_mib)
+                        .unwrap_or(0);
+                    v.config.memory_mib.saturating_sub(rss)
+                })
+                .sum();
+            let left = avail.saturating_sub(pending);
+            if c.memory_mib > left {
+                return Err(MgrError::Admission(format!(
+                    "not enough memory: VM {:?} needs {} MiB, only {left} MiB is available \
+                     (host MemAvailable {avail} MiB, {pending} MiB still promised to running VMs)",
+                    c.name, c.memory_mib
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Give every dynamic adapter without a MAC one from the pool (lowest free address).
+    fn assign_macs(&self, id: Uuid, vms: &mut HashMap<Uuid, Vm>) -> Result<()> {
+        let s = self.settings();
+        let start = host::parse_mac(&s.mac_pool_start).unwrap_or(0);
+        let in_use: std::collections::HashSet<u64> = {
+            let mut set: std::collections::HashSet<u64> = self
+                .db
+                .macs()
+                .map_err(internal)?
+                .iter()
+                .filter_map(|(m, _, _)| host::parse_mac(m))
+                .collect();
+            for v in vms.values() {
+                for n in &v.config.network_adapters {
+                    if let Some(m) = n.mac().and_then(host::parse_mac) {
+                        set.insert(m);
+                    }
+                }
+            }
+            set
+        };
+        let vm = vms
+            .get_mut(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        let mut c = vm.config.clone();
+        let mut taken = in_use;
+        let mut changed = false;
+        for n in c
+            .network_adapters
+            .iter_mut()
+            .filter(|n| n.static_mac.is_none() && n.dynamic_mac.is_none())
+        {
+            let free = (0..s.mac_pool_size as u64)
+                .map(|i| start + i)
+                .find(|m| !taken.contains(m));
+            let Some(m) = free else {
+                return Err(MgrError::MacPoolExhausted(format!(
+                    "the dynamic MAC pool is exhausted: all {} addresses from {} are in use; \
+                     enlarge it (fv host set --mac-pool-size N) or give the adapter a static MAC",
+                    s.mac_pool_size, s.mac_pool_start
+                )));
+            };
+            let mac = host::format_mac(m);
+            taken.insert(m);
+            n.dynamic_mac = Some(mac.clone());
+            changed = true;
+        }
+        if changed {
+            for n in c.network_adapters.iter() {
+                if n.static_mac.is_none() {
+                    if let Some(m) = &n.dynamic_mac {
+                        if !vm
+                            .config
+                            .network_adapters
+                            .iter()
+                            .any(|o| o.id == n.id && o.dynamic_mac.as_ref() == Some(m))
+                        {
+                            self.db.allocate_mac(m, id, n.id).map_err(internal)?;
+                        }
+                    }
+                }
+            }
+            write_config(&vm.row.config_path, &c)?;
+            vm.config = c;
+        }
+        Ok(())
+    }
+
+    // ---------- lifecycle ----------
+
+    fn vm_runtime(&self, id: Uuid) -> PathBuf {
+        self.paths.runtime_dir.join("vms").join(id.to_string())
+    }
+
+    fn log_path(&self, id: Uuid) -> PathBuf {
+        self.paths.state_dir.join("logs").join(format!("{id}.log"))
+    }
+
+    /// Start (cold, or restore from saved state). Returns the job.
+    pub fn start(self: &Arc<Self>, id: Uuid, detail: Option<String>) -> Result<JobHandle> {
+        let (name, restore) = {
+            let mut vms = self.vms.lock();
+            let vm = vms
+                .get(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            if vm.worker.is_some()
+                || !matches!(
+                    vm.row.state,
+                    VmState::Off | VmState::Saved | VmState::Critical
+                )
+            {
+                return Err(Self::invalid_state(vm, "start"));
+            }
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return Err(MgrError::Conflict("the host is shutting down".into()));
+            }
+            self.admit(id, &vms)?;
+            self.assign_macs(id, &mut vms)?;
+            let vm = vms
+                .get_mut(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            let restore = vm.row.saved_dir.clone();
+            vm.guest_ready = false;
+            vm.expect = None;
+            vm.last_exit = None;
+            self.set_state_locked(vm, VmState::Starting, None);
+            (vm.config.name.clone(), restore)
+        };
+        let job = self
+            .jobs
+            .create("vm.start", Some((id, name)), false, detail);
+        let m = self.clone();
+        let j = job.clone();
+        tokio::spawn(async move {
+            j.start();
+            match m.launch(id, restore.clone(), &j).await {
+                Ok(()) => j.complete(),
+                Err(e) => {
+                    m.kill_leftovers(id);
+                    let (state, reason) = if restore.is_some() {
+                        (VmState::Saved, format!("restore failed: {e}"))
+                    } else {
+                        (VmState::Off, format!("start failed: {e}"))
+                    };
+                    {
+                        let mut vms = m.vms.lock();
+                        if let Some(vm) = vms.get_mut(&id) {
+                            vm.worker = None;
+                            vm.status = None;
+                            m.set_state_locked(vm, state, Some(reason));
+                        }
+                    }
+                    j.fail("start_failed", e.to_string());
+                }
+            }
+        });
+        Ok(job)
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        id: Uuid,
+        restore: Option<PathBuf>,
+        job: &JobHandle,
+    ) -> Result<()> {
+        let s = self.settings();
+        let (accel, _) = host::resolve_accel(s.accel);
+        let (config, vm_dir) = {
+            let vms = self.vms.lock();
+            let vm = vms
+                .get(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            (vm.config.clone(), vm.vm_dir())
+        };
+        let rt = self.vm_runtime(id);
+        let _ = std::fs::remove_dir_all(&rt);
+        std::fs::create_dir_all(&rt)
+            .map_err(|e| MgrError::Internal(format!("cannot create {}: {e}", rt.display())))?;
+        let mut allowed = vec![vm_dir.clone(), s.disk_folder.clone()];
+        for d in &config.hard_drives {
+            if let Some(p) = Self::resolve_path(&vm_dir, &d.path).parent() {
+                if !allowed.iter().any(|a| a == p) {
+                    allowed.push(p.to_path_buf());
+                }
+            }
+        }
+        let spec = LaunchSpec {
+            config: config.clone(),
+            vm_dir: vm_dir.clone(),
+            runtime_dir: rt.clone(),
+            restore_from: restore.clone(),
+            accel: accel.clone(),
+            qemu_binary: self.paths.qemu_binary.clone(),
+            qemu_uid: None,
+            qemu_gid: None,
+            allowed_disk_dirs: allowed,
+        };
+        let launch = rt.join("launch.json");
+        util::atomic_write(
+            &launch,
+            &serde_json::to_vec_pretty(&spec).map_err(internal)?,
+        )
+        .map_err(internal)?;
+        let key = id.to_string();
+        // QEMU needs its guest RAM plus its own overhead (TCG translation cache, devices).
+        let overhead = if accel == "tcg" { 768 } else { 256 };
+        let mem_limit = (config.memory_mib + overhead + config.memory_mib / 4) * 1024 * 1024;
+        if let Err(e) = self.cgroups.setup(
+            &key,
+            config.cpu.count,
+            config.cpu.weight,
+            config.cpu.limit_percent,
+            mem_limit,
+        ) {
+            self.events.emit(
+                "vm.warning",
+                Some(id),
+                None,
+                format!("cannot set up cgroup: {e}"),
+                None,
+            );
+        }
+        job.progress(10);
+        let log_path = self.log_path(id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| MgrError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(internal)?;
+        let mut child = std::process::Command::new(&self.paths.worker_bin)
+            .arg("--launch")
+            .arg(&launch)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| {
+                MgrError::Internal(format!(
+                    "cannot run {}: {e}",
+                    self.paths.worker_bin.display()
+                ))
+            })?;
+        let pid = child.id();
+        if let Err(e) = self.cgroups.add(&key, pid) {
+            self.events.emit(
+                "vm.warning",
+                Some(id),
+                None,
+                format!("cannot place worker in its cgroup: {e}"),
+                None,
+            );
+        }
+        // Reap the worker when it exits while we are its parent.
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let st = child.wait();
+            let _ = exit_tx.send(st.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
+        });
+        self.events.emit(
+            "vm.worker_started",
+            Some(id),
+            Some(job.id),
+            format!("worker pid {pid} launched ({accel})"),
+            None,
+        );
+        job.progress(20);
+        let sock = rt.join(fv_worker_proto::SOCKET_NAME);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (conn, status) = loop {
+            if let Ok(st) = exit_rx.try_recv() {
+                return Err(MgrError::Internal(format!(
+                    "worker exited ({st}): {}",
+                    log_tail(&log_path, 5)
+                )));
+            }
+            if sock.exists() {
+                match WorkerConn::connect(&sock, id, self.worker_tx.clone()).await {
+                    Ok(x) => break x,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(MgrError::Internal(format!("cannot connect to worker: {e}")))
+                    }
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(MgrError::Internal(format!(
+                    "worker did not open {} within 60 s: {}",
+                    sock.display(),
+                    log_tail(&log_path, 5)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if let Some(q) = status.qemu_pid {
+            let _ = self.cgroups.add(&key, q);
+        }
+        {
+            let mut vms = self.vms.lock();
+            let vm = vms
+                .get_mut(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            vm.worker = Some(conn.clone());
+            vm.status = Some((status.clone(), Instant::now()));
+            vm.accel = Some(accel);
+            if status.state != VmState::Starting {
+                self.set_state_locked(vm, status.state, None);
+            }
+        }
+        job.progress(50);
+        // Wait for Running (restores of big memories under TCG can take a while).
+        let st = self
+            .wait_state(id, Duration::from_secs(600), |s, has_worker| {
+                !has_worker
+                    || matches!(
+                        s,
+                        VmState::Running | VmState::Paused | VmState::Critical | VmState::Off
+                    )
+            })
+            .await;
+        match st {
+            Some((VmState::Running | VmState::Paused, true)) => {
+                if let Ok(st) = conn.status().await {
+                    if let Some(q) = st.qemu_pid {
+                        let _ = self.cgroups.add(&key, q);
+                    }
+                    if let Some(vm) = self.vms.lock().get_mut(&id) {
+                        vm.status = Some((st, Instant::now()));
+                    }
+                }
+                if let Some(dir) = restore {
+                    // The saved state is consumed: the guest has moved on from it.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let mut vms = self.vms.lock();
+                    if let Some(vm) = vms.get_mut(&id) {
+                        vm.row.saved_dir = None;
+                        let _ = self.db.put_vm(&vm.row);
+                    }
+                }
+                Ok(())
+            }
+            Some((s, _)) => {
+                let why = self
+                    .vms
+                    .lock()
+                    .get(&id)
+                    .and_then(|v| v.last_exit.clone().or(v.row.state_reason.clone()));
+                Err(MgrError::Internal(format!(
+                    "VM ended {s} while starting: {}",
+                    why.unwrap_or_else(|| log_tail(&log_path, 5))
+                )))
+            }
+            None => Err(MgrError::Internal(
+                "VM did not reach Running within 600 s".into(),
+            )),
+        }
+    }
+
+    /// Wait until `pred(state, has_worker)` holds; returns it, or None on timeout.
+    async fn wait_state(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+        pred: impl Fn(VmState, bool) -> bool,
+    ) -> Option<(VmState, bool)> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let cur = {
+                let vms = self.vms.lock();
+                vms.get(&id).map(|v| (v.row.state, v.worker.is_some()))
+            };
+            let (s, w) = cur?;
+            if pred(s, w) {
+                return Some((s, w));
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Kill what is left in the VM's cgroup and remove it and the runtime dir.
+    fn kill_leftovers(&self, id: Uuid) {
+        let key = id.to_string();
+        let rt = self.vm_runtime(id);
+        if let Ok(p) = std::fs::read_to_string(rt.join(fv_worker_proto::PID_NAME)) {
+            if let Ok(pid) = p.trim().parse::<u32>() {
+                if util::pid_alive(pid) && self.cgroups.procs(&key).contains(&pid) {
+                    util::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        for _ in 0..20 {
+            let procs = self.cgroups.procs(&key);
+            if procs.is_empty() {
+                break;
+            }
+            for p in procs {
+                util::kill(p, nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.cgroups.remove(&key);
+        let _ = std::fs::remove_dir_all(&rt);
+    }
+
+    fn worker_of(
+        &self,
+        id: Uuid,
+        action: &str,
+        ok: &[VmState],
+    ) -> Result<(Arc<WorkerConn>, String)> {
+        let vms = self.vms.lock();
+        let vm = vms
+            .get(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        match &vm.worker {
+            Some(w) if ok.contains(&vm.row.state) => Ok((w.clone(), vm.config.name.clone())),
+            _ => Err(Self::invalid_state(vm, action)),
+        }
+    }
+
+    /// Pause, resume or reset: quick worker calls, still reported as jobs.
+    pub fn simple_action(self: &Arc<Self>, id: Uuid, action: &str) -> Result<JobHandle> {
+        let (op, ok, opname, transient): (Op, &[VmState], &str, Option<VmState>) = match action {
+            "pause" => (Op::Pause, &[VmState::Running], "vm.pause", None),
+            "resume" => (Op::Resume, &[VmState::Paused], "vm.resume", None),
+            "reset" => (
+                Op::Reset,
+                &[VmState::Running, VmState::Paused],
+                "vm.reset",
+                Some(VmState::Resetting),
+            ),
+            _ => return Err(MgrError::BadRequest(format!("unknown action {action}"))),
+        };
+        let (w, name) = self.worker_of(id, action, ok)?;
+        if let Some(t) = transient {
+            self.set_state(id, t, None);
+        }
+        let job = self.jobs.create(opname, Some((id, name)), false, None);
+        let (m, j) = (self.clone(), job.clone());
+        tokio::spawn(async move {
+            j.start();
+            let r = w.call(op, Duration::from_secs(60)).await;
+            // The worker reports the new state as an event; read it back to be sure.
+            if let Ok(st) = w.status().await {
+                let mut vms = m.vms.lock();
+                if let Some(vm) = vms.get_mut(&id) {
+                    if vm.worker.as_ref().is_some_and(|x| x.serial == w.serial) {
+                        let s = st.state;
+                        vm.status = Some((st, Instant::now()));
+                        m.set_state_locked(vm, s, None);
+                    }
+                }
+            }
+            match r {
+                Ok(_) => j.complete(),
+                Err(e) => j.fail("worker_error", e.to_string()),
+            }
+        });
+        Ok(job)
+    }
+
+    /// Stop: shut down (graceful), turn off, or save.
+    pub fn stop(self: &Arc<Self>, id: Uuid, req: StopRequest) -> Result<JobHandle> {
+        match req.mode {
+            StopMode::Save => self.save(id, None),
+            StopMode::TurnOff => {
+                let (w, name) = self.worker_of(
+                    id,
+                    "turn off",
+                    &[
+                        VmState::Running,
+                        VmState::Paused,
+                        VmState::Starting,
+                        VmState::Stopping,
+                        VmState::Resetting,
+                        VmState::Critical,
+                    ],
+                )?;
+                self.expect(id, Expect::Off, Some(VmState::Stopping));
+                let job =
+                    self.jobs
+                        .create("vm.stop", Some((id, name)), false, Some("turn off".into()));
+                let (m, j) = (self.clone(), job.clone());
+                tokio::spawn(async move {
+                    j.start();
+                    let r = m.turn_off(id, &w).await;
+                    match r {
+                        Ok(()) => j.complete(),
+                        Err(e) => j.fail("worker_error", e),
+                    }
+                });
+                Ok(job)
+            }
+            StopMode::ShutDown => {
+                let (w, name) = self.worker_of(id, "shut down", &[VmState::Running])?;
+                let timeout = self.settings().shutdown_timeout_s;
+                self.expect(id, Expect::Off, Some(VmState::Stopping));
+                if let Some(vm) = self.vms.lock().get_mut(&id) {
+                    vm.shutdown_timed_out = false;
+                }
+                let job = self.jobs.create(
+                    "vm.stop",
+                    Some((id, name)),
+                    true,
+                    Some(
+                        if req.force {
+                            "shut down (force)"
+                        } else {
+                            "shut down"
+                        }
+                        .into(),
+                    ),
+                );
+                let (m, j) = (self.clone(), job.clone());
+                tokio::spawn(async move {
+                    j.start();
+                    if let Err(e) = w
+                        .call(Op::ShutDown { timeout_s: timeout }, Duration::from_secs(30))
+                        .await
+                    {
+                        m.unexpect(id, VmState::Running);
+                        j.fail("worker_error", format!("shut down request failed: {e}"));
+                        return;
+                    }
+                    let cancel = j.cancel.clone();
+                    let waited = tokio::select! {
+                        r = m.wait_state(id, Duration::from_secs(timeout + 5), |s, wk| !wk || s == VmState::Off) => r.is_some(),
+                        _ = m.wait_flag(id) => false,
+                        _ = async { if let Some(c) = &cancel { c.cancelled().await } else { std::future::pending::<()>().await } } => {
+                            m.unexpect(id, VmState::Running);
+                            j.cancelled("shut down cancelled; the guest may still be shutting down".into());
+                            return;
+                        }
+                    };
+                    if waited {
+                        // Worker reported Off; its exit finishes the transition.
+                        let _ = m.wait_state(id, Duration::from_secs(30), |_, wk| !wk).await;
+                        j.complete();
+                    } else if req.force {
+                        m.events.emit(
+                            "vm.warning",
+                            Some(id),
+                            Some(j.id),
+                            "guest did not shut down in time; turning off (--force)".into(),
+                            None,
+                        );
+                        match m.turn_off(id, &w).await {
+                            Ok(()) => j.complete(),
+                            Err(e) => j.fail("worker_error", e),
+                        }
+                    } else {
+                        m.unexpect(id, VmState::Running);
+                        j.fail("shutdown_timed_out", format!("the guest did not shut down within {timeout} s; it is still running (use --force or --turn-off)"));
+                    }
+                });
+                Ok(job)
+            }
+        }
+    }
+
+    /// Resolves when the worker reported ShutdownTimedOut.
+    async fn wait_flag(&self, id: Uuid) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if self
+                .vms
+                .lock()
+                .get(&id)
+                .is_none_or(|v| v.shutdown_timed_out)
+            {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn expect(&self, id: Uuid, e: Expect, state: Option<VmState>) {
+        let mut vms = self.vms.lock();
+        if let Some(vm) = vms.get_mut(&id) {
+            vm.expect = Some(e);
+            if let Some(s) = state {
+                self.set_state_locked(vm, s, None);
+            }
+        }
+    }
+
+    fn unexpect(&self, id: Uuid, back_to: VmState) {
+        let mut vms = self.vms.lock();
+        if let Some(vm) = vms.get_mut(&id) {
+            vm.expect = None;
+            if vm.worker.is_some() {
+                self.set_state_locked(vm, back_to, None);
+            }
+        }
+    }
+
+    async fn turn_off(&self, id: Uuid, w: &WorkerConn) -> std::result::Result<(), String> {
+        self.expect(id, Expect::Off, None);
+        match w.call(Op::TurnOff, Duration::from_secs(60)).await {
+            Ok(_) | Err(CallError::Closed) => {}
+            Err(e) => return Err(format!("turn off failed: {e}")),
+        }
+        if self
+            .wait_state(id, Duration::from_secs(30), |_, wk| !wk)
+            .await
+            .is_none()
+        {
+            // The worker hangs: pull its plug ourselves.
+            self.kill_leftovers(id);
+        }
+        Ok(())
+    }
+
+    /// Save memory and device state into `<vm_dir>/saved-state`.
+    pub fn save(self: &Arc<Self>, id: Uuid, detail: Option<String>) -> Result<JobHandle> {
+        let (w, name, dir) = {
+            let mut vms = self.vms.lock();
+            let vm = vms
+                .get_mut(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            let w = match &vm.worker {
+                Some(w) if matches!(vm.row.state, VmState::Running | VmState::Paused) => w.clone(),
+                _ => return Err(Self::invalid_state(vm, "save")),
+            };
+            vm.expect = Some(Expect::Saved);
+            let dir = vm.vm_dir().join("saved-state");
+            self.set_state_locked(vm, VmState::Saving, None);
+            (w, vm.config.name.clone(), dir)
+        };
+        let job = self.jobs.create("vm.save", Some((id, name)), false, detail);
+        if let Some(vm) = self.vms.lock().get_mut(&id) {
+            vm.progress_job = Some(job.clone());
+        }
+        let (m, j) = (self.clone(), job.clone());
+        tokio::spawn(async move {
+            j.start();
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = match std::fs::create_dir_all(&dir) {
+                Ok(()) => w
+                    .call(Op::Save { dir: dir.clone() }, Duration::from_secs(3600))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
+            };
+            if let Some(vm) = m.vms.lock().get_mut(&id) {
+                vm.progress_job = None;
+            }
+            match r {
+                Ok(_) => {
+                    {
+                        let mut vms = m.vms.lock();
+                        if let Some(vm) = vms.get_mut(&id) {
+                            vm.row.saved_dir = Some(dir.clone());
+                            // A save asked for by a user is not "running when fvd stopped";
+                            // host_shutdown() sets the flag for the VMs it saves.
+                            vm.row.was_running = false;
+                            m.set_state_locked(vm, VmState::Saved, None);
+                        }
+                    }
+                    let _ = m.wait_state(id, Duration::from_secs(30), |_, wk| !wk).await;
+                    j.complete();
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let gone = m.vms.lock().get(&id).is_some_and(|v| v.worker.is_none());
+                    {
+                        let mut vms = m.vms.lock();
+                        if let Some(vm) = vms.get_mut(&id) {
+                            vm.expect = None;
+                            if gone {
+                                m.set_state_locked(
+                                    vm,
+                                    VmState::Critical,
+                                    Some(format!("save failed and the worker is gone: {e}")),
+                                );
+                            } else {
+                                m.set_state_locked(
+                                    vm,
+                                    VmState::Running,
+                                    Some(format!("save failed: {e}")),
+                                );
+                            }
+                        }
+                    }
+                    if !gone {
+                        // The worker tells the true state (it may have stayed Paused).
+                        if let Ok(st) = w.status().await {
+                            m.set_state(id, st.state, Some(format!("save failed: {e}")));
+                        }
+                    }
+                    j.fail("save_failed", e);
+                }
+            }
+        });
+        Ok(job)
+    }
+
+    /// Discard saved state: the next start is a cold boot.
+    pub fn discard_saved_state(&self, id: Uuid) -> Result<VmView> {
+        let mut vms = self.vms.lock();
+        let vm = vms
+            .get_mut(&id)
+            .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        if vm.row.state != VmState::Saved || vm.worker.is_some() {
+            return Err(Self::invalid_state(vm, "discard the saved state of"));
+        }
+        if let Some(d) = vm.row.saved_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        self.set_state_locked(vm, VmState::Off, Some("saved state discarded".into()));
+        Ok(self.view_of(vm))
+    }
+
+    // ---------- worker events ----------
+
+    fn on_worker_msg(self: &Arc<Self>, id: Uuid, serial: u64, msg: WorkerMsg) {
+        let mut restart = false;
+        {
+            let mut vms = self.vms.lock();
+            let Some(vm) = vms.get_mut(&id) else { return };
+            if vm.worker.as_ref().is_none_or(|w| w.serial != serial) {
+                // A connection we let go of, or one launch() has not adopted yet (it
+                // reads the state back right after adopting).
+                return;
+            }
+            match msg {
+                WorkerMsg::Event(Event::StateChanged { state, reason }) => {
+                    if vm.worker.is_none() {
+                        return;
+                    }
+                    if state == VmState::Critical {
+                        vm.last_exit = reason.clone();
+                    }
+                    // Saved is fvd's to declare (when the save call returns).
+                    if state != VmState::Saved {
+                        self.set_state_locked(vm, state, reason);
+                    }
+                }
+                WorkerMsg::Event(Event::SaveProgress { percent }) => {
+                    if let Some(j) = &vm.progress_job {
+                        j.progress(percent);
+                    }
+                }
+                WorkerMsg::Event(Event::ShutdownTimedOut) => {
+                    vm.shutdown_timed_out = true;
+                    self.events.emit(
+                        "vm.warning",
+                        Some(id),
+                        None,
+                        format!("{}: the guest did not shut down in time", vm.config.name),
+                        None,
+                    );
+                    self.changed.send_modify(|n| *n += 1);
+                }
+                WorkerMsg::Event(Event::QemuExited { clean, detail }) => {
+                    vm.last_exit = Some(detail.clone());
+                    if !clean {
+                        self.events.emit(
+                            "vm.warning",
+                            Some(id),
+                            None,
+                            format!("{}: QEMU exited: {detail}", vm.config.name),
+                            None,
+                        );
+                    }
+                }
+                WorkerMsg::Event(Event::GuestReady) => {
+                    vm.guest_ready = true;
+                    self.events.emit(
+                        "vm.guest_ready",
+                        Some(id),
+                        None,
+                        format!("{}: guest is ready", vm.config.name),
+                        None,
+                    );
+                    self.changed.send_modify(|n| *n += 1);
+                }
+                WorkerMsg::Event(Event::Warning { message }) => {
+                    self.events.emit(
+                        "vm.warning",
+                        Some(id),
+                        None,
+                        format!("{}: {message}", vm.config.name),
+                        None,
+                    );
+                }
+                WorkerMsg::Gone => {
+                    vm.worker = None;
+                    vm.status = None;
+                    vm.guest_ready = false;
+                    let expect = vm.expect.take();
+                    match expect {
+                        Some(Expect::Saved) => {
+                            // The save task decides (Saved, or Critical when the call failed).
+                        }
+                        Some(Expect::Off) => self.set_state_locked(vm, VmState::Off, None),
+                        None if vm.row.state == VmState::Off => {
+                            self.set_state_locked(vm, VmState::Off, None)
+                        }
+                        None => {
+                            let cause = vm.last_exit.clone().unwrap_or_else(|| {
+                                format!(
+                                    "worker exited unexpectedly: {}",
+                                    log_tail(&self.log_path(id), 3)
+                                )
+                            });
+                            self.set_state_locked(vm, VmState::Critical, Some(cause));
+                            let s = self.settings();
+                            let recent = vm
+                                .last_recovery
+                                .is_some_and(|t| t.elapsed() < Duration::from_secs(600));
+                            if s.recovery_action == RecoveryAction::RestartOnce
+                                && !recent
+                                && !self.shutting_down.load(Ordering::SeqCst)
+                            {
+                                vm.last_recovery = Some(Instant::now());
+                                restart = true;
+                            }
+                        }
+                    }
+                    self.changed.send_modify(|n| *n += 1);
+                }
+            }
+        }
+        // Cleanup happens outside the lock (it may sleep), then the recovery restart.
+        let gone = self
+            .vms
+            .lock()
+            .get(&id)
+            .is_some_and(|v| v.worker.is_none() && v.row.state != VmState::Starting);
+        if !gone {
+            return;
+        }
+        let m = self.clone();
+        tokio::spawn(async move {
+            let m2 = m.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                // A worker that closed its socket may still be flushing disks: give it time.
+                let key = id.to_string();
+                for _ in 0..100 {
+                    if m2.cgroups.procs(&key).is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if m2
+                    .vms
+                    .lock()
+                    .get(&id)
+                    .is_some_and(|v| v.worker.is_none() && v.row.state != VmState::Starting)
+                {
+                    m2.kill_leftovers(id);
+                }
+            })
+            .await;
+            if restart {
+                if let Err(e) = m.start(id, Some("automatic recovery after a crash".into())) {
+                    m.events.emit(
+                        "vm.warning",
+                        Some(id),
+                        None,
+                        format!("automatic recovery failed: {e}"),
+                        None,
+                    );
+                }
+            }
+        });
+    }
+
+    // ---------- fvd start: reconcile; host shutdown ----------
+
+    /// Load registrations, re-attach to live workers, clean up stale ones, settle
+    /// jobs left by the previous fvd, then apply automatic start actions.
+    pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+        let rows = self.db.vms()?;
+        for row in rows {
+            let config = match read_config(&row.config_path) {
+                Ok(c) => c,
+                Err(e) => {
+                    let mut c = VmConfig::new(&row.id.to_string(), Generation::Gen2);
+                    c.id = row.id;
+                    let mut vm = Vm::new(c, row.clone());
+                    self.set_state_locked(
+                        &mut vm,
+                        VmState::Critical,
+                        Some(format!("configuration unavailable: {e}")),
+                    );
+                    self.vms.lock().insert(row.id, vm);
+                    continue;
+                }
+            };
+            let id = row.id;
+            let prev = row.state;
+            self.vms.lock().insert(id, Vm::new(config, row.clone()));
+            let rt = self.vm_runtime(id);
+            let sock = rt.join(fv_worker_proto::SOCKET_NAME);
+            let mut attached = false;
+            if sock.exists() {
+                for _ in 0..3 {
+                    if let Ok((conn, st)) =
+                        WorkerConn::connect(&sock, id, self.worker_tx.clone()).await
+                    {
+                        let mut vms = self.vms.lock();
+                        if let Some(vm) = vms.get_mut(&id) {
+                            vm.worker = Some(conn);
+                            let s = st.state;
+                            vm.accel = serde_json::from_slice::<LaunchSpec>(
+                                &std::fs::read(rt.join("launch.json")).unwrap_or_default(),
+                            )
+                            .ok()
+                            .map(|l| l.accel);
+                            vm.status = Some((st, Instant::now()));
+                            self.set_state_locked(vm, s, None);
+                            self.events.emit(
+                                "vm.reattached",
+                                Some(id),
+                                None,
+                                format!("{}: re-attached to its worker ({s})", vm.config.name),
+                                Some(s),
+                            );
+                        }
+                        attached = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+            if attached {
+                continue;
+            }
+            if rt.exists() {
+                self.kill_leftovers(id);
+            }
+            let saved_ok = row.saved_dir.as_ref().is_some_and(|d| d.is_dir());
+            let mut vms = self.vms.lock();
+            let Some(vm) = vms.get_mut(&id) else { continue };
+            match prev {
+                VmState::Saved if saved_ok => {}
+                VmState::Off => {}
+                VmState::Saved => {
+                    vm.row.saved_dir = None;
+                    self.set_state_locked(
+                        vm,
+                        VmState::Off,
+                        Some("saved state files are missing".into()),
+                    );
+                }
+                VmState::Saving if saved_ok => {
+                    // fvd died while saving; the worker finished and exited.
+                    self.set_state_locked(
+                        vm,
+                        VmState::Saved,
+                        Some("save completed while fvd was down".into()),
+                    );
+                }
+                VmState::Critical => {}
+                other => {
+                    let was = vm.row.was_running;
+                    if saved_ok {
+                        self.set_state_locked(vm, VmState::Saved, None);
+                    } else {
+                        vm.row.saved_dir = None;
+                        self.set_state_locked(
+                            vm,
+                            VmState::Critical,
+                            Some(format!(
+                                "was {other} but its worker is gone (host restart or crash)"
+                            )),
+                        );
+                    }
+                    vm.row.was_running = was || matches!(other, VmState::Running | VmState::Paused);
+                    let _ = self.db.put_vm(&vm.row);
+                }
+            }
+        }
+        self.settle_jobs().await;
+        self.auto_start();
+        Ok(())
+    }
+
+    /// Jobs a previous fvd left running: complete those whose goal the VM reached,
+    /// fail the others with "fvd restarted".
+    async fn settle_jobs(self: &Arc<Self>) {
+        let jobs = self.jobs.db().jobs(10_000).unwrap_or_default();
+        for j in jobs.into_iter().filter(|j| !j.state.is_final()) {
+            let state = j
+                .vm_id
+                .and_then(|v| self.vms.lock().get(&v).map(|x| x.row.state));
+            let goal: &[VmState] = match j.operation.as_str() {
+                "vm.start" | "vm.resume" | "vm.reset" => &[VmState::Running],
+                "vm.stop" => &[VmState::Off],
+                "vm.save" => &[VmState::Saved],
+                "vm.pause" => &[VmState::Paused],
+                _ => &[],
+            };
+            let h = crate::jobs::adopt(&self.jobs, j.clone());
+            match state {
+                Some(s) if goal.contains(&s) => h.complete(),
+                Some(VmState::Starting | VmState::Saving | VmState::Stopping)
+                    if !goal.is_empty() =>
+                {
+                    // The worker still carries the operation out: keep watching it.
+                    let (m, vm) = (self.clone(), j.vm_id.unwrap_or_default());
+                    let goal = goal.to_vec();
+                    tokio::spawn(async move {
+                        match m
+                            .wait_state(vm, Duration::from_secs(600), |s, _| {
+                                !matches!(
+                                    s,
+                                    VmState::Starting | VmState::Saving | VmState::Stopping
+                                )
+                            })
+                            .await
+                        {
+                            Some((s, _)) if goal.contains(&s) => h.complete(),
+                            Some((s, _)) => {
+                                h.fail("fvd_restarted", format!("fvd restarted; the VM ended {s}"))
+                            }
+                            None => h.fail(
+                                "fvd_restarted",
+                                "fvd restarted; the operation did not finish".into(),
+                            ),
+                        }
+                    });
+                }
+                _ => h.fail(
+                    "fvd_restarted",
+                    "fvd restarted while the job was running".into(),
+                ),
+            }
+        }
+    }
+
+    fn auto_start(self: &Arc<Self>) {
+        let todo: Vec<(Uuid, u32, String)> = {
+            let vms = self.vms.lock();
+            vms.values()
+                .filter(|v| {
+                    v.worker.is_none()
+                        && matches!(
+                            v.row.state,
+                            VmState::Off | VmState::Saved | VmState::Critical
+                        )
+                })
+                .filter(|v| match v.config.automatic_start_action {
+                    AutomaticStartAction::Nothing => false,
+                    AutomaticStartAction::StartIfRunning => v.row.was_running,
+                    AutomaticStartAction::AlwaysStart => true,
+                })
+                .map(|v| {
+                    (
+                        v.config.id,
+                        v.config.automatic_start_delay_s,
+                        v.config.name.clone(),
+                    )
+                })
+                .collect()
+        };
+        for (id, delay, name) in todo {
+            let m = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                if let Err(e) = m.start(id, Some("automatic start".into())) {
+                    m.events.emit(
+                        "vm.warning",
+                        Some(id),
+                        None,
+                        format!("{name}: automatic start failed: {e}"),
+                        None,
+                    );
+                }
+            });
+        }
+    }
+
+    /// Host shutdown: apply each running VM's automatic stop action, then ask fvd to exit.
+    /// VMs keep `was_running`, so "start if it was running" brings them back.
+    pub fn host_shutdown(self: &Arc<Self>) -> Result<JobHandle> {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let job = self.jobs.create("host.shutdown", None, false, None);
+        let (m, j) = (self.clone(), job.clone());
+        tokio::spawn(async move {
+            j.start();
+            let running: Vec<(Uuid, AutomaticStopAction)> = {
+                let vms = m.vms.lock();
+                vms.values()
+                    .filter(|v| v.worker.is_some())
+                    .map(|v| (v.config.id, v.config.automatic_stop_action))
+                    .collect()
+            };
+            let mut errors = Vec::new();
+            let mut subjobs = Vec::new();
+            for (id, action) in running {
+                let r = match action {
+                    AutomaticStopAction::Save => m.save(id, Some("automatic stop action".into())),
+                    AutomaticStopAction::TurnOff => m.stop(
+                        id,
+                        StopRequest {
+                            mode: StopMode::TurnOff,
+                            force: false,
+                        },
+                    ),
+                    AutomaticStopAction::ShutDown => m.stop(
+                        id,
+                        StopRequest {
+                            mode: StopMode::ShutDown,
+                            force: true,
+                        },
+                    ),
+                };
+                match r {
+                    Ok(h) => subjobs.push(h),
+                    Err(e) => {
+                        // e.g. Paused VMs cannot shut down: turn them off.
+                        match m.stop(
+                            id,
+                            StopRequest {
+                                mode: StopMode::TurnOff,
+                                force: false,
+                            },
+                        ) {
+                            Ok(h) => subjobs.push(h),
+                            Err(e2) => errors.push(format!("{e}; {e2}")),
+                        }
+                    }
+                }
+            }
+            for h in &subjobs {
+                let v = m.jobs.wait(h.id, Duration::from_secs(3600)).await;
+                if let Some(v) = v {
+                    if v.state != JobState::Completed {
+                        errors.push(format!(
+                            "{}: {}",
+                            v.vm_name.unwrap_or_default(),
+                            v.error_description.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            {
+                // Mark them so "start if it was running" restarts them with the host.
+                let mut vms = m.vms.lock();
+                for h in &subjobs {
+                    if let Some(vid) = h.view().and_then(|v| v.vm_id) {
+                        if let Some(vm) = vms.get_mut(&vid) {
+                            vm.row.was_running = true;
+                            let _ = m.db.put_vm(&vm.row);
+                        }
+                    }
+                }
+            }
+            if errors.is_empty() {
+                j.complete();
+            } else {
+                j.fail("shutdown_incomplete", errors.join("; "));
+            }
+            m.shutdown.notify_waiters();
+        });
+        Ok(job)
+    }
+}
+
+impl Vm {
+    fn new(config: VmConfig, row: VmRow) -> Vm {
+        Vm {
+            config,
+            row,
+            worker: None,
+            status: None,
+            expect: None,
+            guest_ready: false,
+            accel: None,
+            last_exit: None,
+            last_recovery: None,
+            shutdown_timed_out: false,
+            progress_job: None,
+        }
+    }
+}

@@ -21,57 +21,29 @@ pub struct ServedDisk {
 }
 
 pub mod open {
-    //! Opening an image. Until the chain/format engine (`fv-vdisk`) is wired in,
-    //! raw images are served through vdisk-core's RawLayer.
+    //! Opening an image through the disk engine (VHD, VHDX, raw, differencing
+    //! chains), with parents confined to the VM folder and the allowed directories.
     use super::*;
-    use fv_vdisk_core::{Extent, Layer, RawLayer};
 
-    struct RawDevice {
-        layer: RawLayer,
-        id: String,
-    }
-
-    impl BlockDevice for RawDevice {
-        fn size(&self) -> u64 {
-            self.layer.info().virtual_size
+    pub fn open_image(
+        path: &Path,
+        read_only: bool,
+        spec: &LaunchSpec,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        let mut policy = fv_vdisk::PathPolicy::image_dir_only().allow(&spec.vm_dir);
+        for d in &spec.allowed_disk_dirs {
+            policy = policy.allow(d);
         }
-        fn logical_sector_size(&self) -> u32 {
-            self.layer.info().logical_sector_size
-        }
-        fn physical_sector_size(&self) -> u32 {
-            self.layer.info().physical_sector_size
-        }
-        fn read_only(&self) -> bool {
-            self.layer.read_only()
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> fv_vdisk_core::Result<()> {
-            let mut absent = Vec::new();
-            self.layer.read_layer(offset, buf, &mut absent)
-        }
-        fn write_at(&self, offset: u64, buf: &[u8]) -> fv_vdisk_core::Result<()> {
-            self.layer.write(offset, buf)
-        }
-        fn write_zeroes(&self, offset: u64, len: u64) -> fv_vdisk_core::Result<()> {
-            self.layer.write_zeroes(offset, len)
-        }
-        fn discard(&self, offset: u64, len: u64) -> fv_vdisk_core::Result<()> {
-            self.layer.discard(offset, len)
-        }
-        fn flush(&self) -> fv_vdisk_core::Result<()> {
-            self.layer.flush()
-        }
-        fn block_status(&self, offset: u64, len: u64) -> fv_vdisk_core::Result<Vec<Extent>> {
-            self.layer.extents(offset, len)
-        }
-        fn id(&self) -> String {
-            self.id.clone()
-        }
-    }
-
-    pub fn open_image(path: &Path, read_only: bool, _spec: &LaunchSpec) -> Result<Arc<dyn BlockDevice>> {
-        let layer = RawLayer::open(path, read_only).with_context(|| format!("open {}", path.display()))?;
-        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Arc::new(RawDevice { layer, id }))
+        // A writable open replays a dirty VHDX log left by a crash; a read-only open
+        // must not modify the file.
+        let opts = fv_vdisk::OpenOptions {
+            read_only,
+            replay_log: !read_only,
+            policy,
+        };
+        let disk =
+            fv_vdisk::open(path, &opts).with_context(|| format!("open {}", path.display()))?;
+        Ok(Arc::new(disk))
     }
 }
 
@@ -128,7 +100,15 @@ pub fn start(spec: &LaunchSpec) -> Result<Vec<ServedDisk>> {
                 }
             })
             .context("spawn vhost thread")?;
-        out.push(ServedDisk { path, socket, dev, stats, stop, stopping, thread: Some(thread) });
+        out.push(ServedDisk {
+            path,
+            socket,
+            dev,
+            stats,
+            stop,
+            stopping,
+            thread: Some(thread),
+        });
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for d in &out {

@@ -9,8 +9,8 @@ mod vm;
 
 use anyhow::{bail, Context, Result};
 use fv_worker_proto::{
-    encode, ErrorCode, EventMessage, LaunchSpec, Message, Op, Request, Response, PID_NAME, PROTOCOL_VERSION,
-    SOCKET_NAME,
+    encode, ErrorCode, EventMessage, LaunchSpec, Message, Op, Request, Response, PID_NAME,
+    PROTOCOL_VERSION, SOCKET_NAME,
 };
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -44,7 +44,10 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other} (usage: fv-worker --launch SPEC.json)"),
         }
     }
-    Ok(Args { launch: launch.context("--launch SPEC.json is required")?, setsid })
+    Ok(Args {
+        launch: launch.context("--launch SPEC.json is required")?,
+        setsid,
+    })
 }
 
 fn main() {
@@ -77,12 +80,22 @@ fn real_main() -> Result<()> {
     std::fs::create_dir_all(&spec.runtime_dir)
         .with_context(|| format!("create {}", spec.runtime_dir.display()))?;
     init_logging(&spec)?;
-    tracing::info!("fv-worker {} starting for VM {} ({})", env!("CARGO_PKG_VERSION"), spec.config.name, spec.config.id);
-    std::fs::write(spec.runtime_dir.join(PID_NAME), format!("{}\n", std::process::id()))?;
+    tracing::info!(
+        "fv-worker {} starting for VM {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        spec.config.name,
+        spec.config.id
+    );
+    std::fs::write(
+        spec.runtime_dir.join(PID_NAME),
+        format!("{}\n", std::process::id()),
+    )?;
 
     // One thread for all control-plane work keeps the worker small; disk I/O runs
     // on the vhost-user threads.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(run(spec.clone()));
     let _ = std::fs::remove_file(spec.runtime_dir.join(SOCKET_NAME));
     let _ = std::fs::remove_file(spec.runtime_dir.join(PID_NAME));
@@ -137,7 +150,9 @@ async fn run(spec: LaunchSpec) -> Result<()> {
     {
         let vm = vm.clone();
         tokio::spawn(async move {
-            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
                 return;
             };
             if term.recv().await.is_some() {
@@ -201,8 +216,15 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
             Ok(Message::Request(r)) => r,
             Ok(_) => continue,
             Err(e) => {
-                let id = serde_json::from_slice::<Value>(line).ok().and_then(|v| v.get("id")?.as_u64()).unwrap_or(0);
-                let resp = Response { id, ok: None, error: Some(werr(ErrorCode::BadRequest, e.to_string())) };
+                let id = serde_json::from_slice::<Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("id")?.as_u64())
+                    .unwrap_or(0);
+                let resp = Response {
+                    id,
+                    ok: None,
+                    error: Some(werr(ErrorCode::BadRequest, e.to_string())),
+                };
                 if let Ok(s) = encode(&resp) {
                     let _ = tx.send(s).await;
                 }
@@ -218,18 +240,26 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
                         let ev = match events.recv().await {
                             Ok(e) => e,
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                                fv_worker_proto::Event::Warning { message: format!("{n} events were dropped") }
+                                fv_worker_proto::Event::Warning {
+                                    message: format!("{n} events were dropped"),
+                                }
                             }
                             Err(_) => return,
                         };
-                        let Ok(s) = encode(&EventMessage { event: ev }) else { continue };
+                        let Ok(s) = encode(&EventMessage { event: ev }) else {
+                            continue;
+                        };
                         if tx2.send(s).await.is_err() {
                             return;
                         }
                     }
                 }));
             }
-            let resp = Response { id: req.id, ok: Some(Value::Null), error: None };
+            let resp = Response {
+                id: req.id,
+                ok: Some(Value::Null),
+                error: None,
+            };
             if let Ok(s) = encode(&resp) {
                 let _ = tx.send(s).await;
             }
@@ -241,8 +271,16 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
             let id = req.id;
             let r = handle(&vm, req.op).await;
             let resp = match r {
-                Ok(v) => Response { id, ok: Some(v), error: None },
-                Err(e) => Response { id, ok: None, error: Some(e) },
+                Ok(v) => Response {
+                    id,
+                    ok: Some(v),
+                    error: None,
+                },
+                Err(e) => Response {
+                    id,
+                    ok: None,
+                    error: Some(e),
+                },
             };
             if let Ok(s) = encode(&resp) {
                 let _ = tx.send(s).await;
@@ -265,7 +303,9 @@ async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerEr
                     format!("protocol version {version} not supported (worker speaks {PROTOCOL_VERSION})"),
                 ));
             }
-            Ok(json!({ "version": PROTOCOL_VERSION, "vm_id": vm.spec.config.id.to_string(), "worker_pid": std::process::id() }))
+            Ok(
+                json!({ "version": PROTOCOL_VERSION, "vm_id": vm.spec.config.id.to_string(), "worker_pid": std::process::id() }),
+            )
         }
         Op::Status => {
             let s = vm.status();

@@ -50,7 +50,12 @@ pub fn resolve(vm_dir: &Path, p: &Path) -> PathBuf {
 fn fallback_mac(cfg: &VmConfig, index: usize) -> String {
     let b = cfg.id.as_bytes();
     let x = |i: usize| b.get(i).copied().unwrap_or(0);
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", x(13), x(14), x(15).wrapping_add(index as u8))
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        x(13),
+        x(14),
+        x(15).wrapping_add(index as u8)
+    )
 }
 
 fn slot_key(s: &fv_model::Slot) -> (u32, u32) {
@@ -82,7 +87,11 @@ fn boot_plan(cfg: &VmConfig) -> BootPlan {
     for dev in &cfg.boot_order {
         match dev {
             BootDevice::Ide | BootDevice::Scsi => {
-                let want = if *dev == BootDevice::Ide { ControllerKind::Ide } else { ControllerKind::Scsi };
+                let want = if *dev == BootDevice::Ide {
+                    ControllerKind::Ide
+                } else {
+                    ControllerKind::Scsi
+                };
                 let mut idx: Vec<usize> = (0..cfg.hard_drives.len())
                     .filter(|&i| cfg.hard_drives.get(i).map(|d| d.slot.controller) == Some(want))
                     .collect();
@@ -130,21 +139,42 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
         // OVMF's secure-boot build keeps its variables behind SMM.
         mopts.push_str(",smm=on");
     }
-    push(&["-name", &format!("guest={},debug-threads=on", cfg.name.replace(',', ",,"))]);
+    push(&[
+        "-name",
+        &format!("guest={},debug-threads=on", cfg.name.replace(',', ",,")),
+    ]);
     push(&["-uuid", &cfg.id.to_string()]);
     push(&["-machine", &mopts]);
     push(&["-smp", &cfg.cpu.count.max(1).to_string()]);
     push(&["-m", &format!("{}M", cfg.memory_mib)]);
     // vhost-user back-ends map guest RAM, so it must be shareable memory.
-    push(&["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", cfg.memory_mib)]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            cfg.memory_mib
+        ),
+    ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
-    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     push(&["-msg", "timestamp=on", "-rtc", "base=utc"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", esc(&rt.join(QMP_SOCK)))]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", esc(&rt.join(QMP_SOCK))),
+    ]);
 
     if let Some((code, vars)) = &paths.ovmf {
-        push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", esc(code))]);
-        push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", esc(vars))]);
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", esc(code)),
+        ]);
+        push(&[
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", esc(vars)),
+        ]);
         if cfg.secure_boot {
             push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
         }
@@ -152,7 +182,9 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
 
     let plan = boot_plan(cfg);
     for i in 0..cfg.hard_drives.len() {
-        let Some(sock) = paths.disk_sockets.get(i) else { continue };
+        let Some(sock) = paths.disk_sockets.get(i) else {
+            continue;
+        };
         push(&["-chardev", &format!("socket,id=disk{i},path={}", esc(sock))]);
         push(&[
             "-device",
@@ -162,8 +194,17 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
             ),
         ]);
     }
-    if gen2 && cfg.hard_drives.iter().any(|d| d.slot.controller == ControllerKind::Scsi) && cfg.scsi_as_virtio_scsi {
-        warnings.push("scsi_as_virtio_scsi: hard drives are served as vhost-user-blk (virtio-blk) only".into());
+    if gen2
+        && cfg
+            .hard_drives
+            .iter()
+            .any(|d| d.slot.controller == ControllerKind::Scsi)
+        && cfg.scsi_as_virtio_scsi
+    {
+        warnings.push(
+            "scsi_as_virtio_scsi: hard drives are served as vhost-user-blk (virtio-blk) only"
+                .into(),
+        );
     }
 
     let mut cds = Vec::new();
@@ -175,9 +216,15 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
         let id = format!("cd{i}");
         let bi = bootindex(plan.cd.get(i).copied().flatten());
         let dev = if gen2 {
-            format!("scsi-cd,id={id},bus=scsi0.0,channel=0,scsi-id={},lun=0{bi}", dvd.slot.location)
+            format!(
+                "scsi-cd,id={id},bus=scsi0.0,channel=0,scsi-id={},lun=0{bi}",
+                dvd.slot.location
+            )
         } else {
-            format!("ide-cd,id={id},bus=ide.{},unit={}{bi}", dvd.slot.controller_number, dvd.slot.location)
+            format!(
+                "ide-cd,id={id},bus=ide.{},unit={}{bi}",
+                dvd.slot.controller_number, dvd.slot.location
+            )
         };
         push(&["-device", &dev]);
         cds.push((id, dvd.path.as_ref().map(|p| resolve(&spec.vm_dir, p))));
@@ -188,8 +235,14 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
             warnings.push("generation 2 VMs have no floppy drive".into());
         } else {
             let f = resolve(&spec.vm_dir, f);
-            push(&["-blockdev", &format!("driver=file,node-name=fd0f,filename={}", esc(&f))]);
-            push(&["-device", &format!("floppy,drive=fd0f,unit=0{}", bootindex(plan.floppy))]);
+            push(&[
+                "-blockdev",
+                &format!("driver=file,node-name=fd0f,filename={}", esc(&f)),
+            ]);
+            push(&[
+                "-device",
+                &format!("floppy,drive=fd0f,unit=0{}", bootindex(plan.floppy)),
+            ]);
         }
     }
 
@@ -197,7 +250,10 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
     let mut links_down = Vec::new();
     for (i, nic) in cfg.network_adapters.iter().enumerate() {
         let mac = nic.mac().map(str::to_string).unwrap_or_else(|| {
-            warnings.push(format!("adapter {}: no MAC assigned, using a derived one", nic.name));
+            warnings.push(format!(
+                "adapter {}: no MAC assigned, using a derived one",
+                nic.name
+            ));
             fallback_mac(cfg, i)
         });
         let model = match nic.kind {
@@ -233,17 +289,35 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
 
     for (i, on) in cfg.com_ports.iter().enumerate() {
         if *on {
-            push(&["-chardev", &format!("socket,id=com{i},path={},server=on,wait=off", esc(&com_socket(rt, i)))]);
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=com{i},path={},server=on,wait=off",
+                    esc(&com_socket(rt, i))
+                ),
+            ]);
             push(&["-device", &format!("isa-serial,chardev=com{i},index={i}")]);
         }
     }
 
     push(&["-device", "virtio-serial-pci,id=vser0"]);
-    push(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", esc(&rt.join(QGA_SOCK)))]);
-    push(&["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            esc(&rt.join(QGA_SOCK))
+        ),
+    ]);
+    push(&[
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]);
 
     if let Some(db) = &cfg.direct_boot {
-        push(&["-kernel", &resolve(&spec.vm_dir, &db.kernel).display().to_string()]);
+        push(&[
+            "-kernel",
+            &resolve(&spec.vm_dir, &db.kernel).display().to_string(),
+        ]);
         if let Some(i) = &db.initrd {
             push(&["-initrd", &resolve(&spec.vm_dir, i).display().to_string()]);
         }
@@ -252,7 +326,13 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
     if spec.restore_from.is_some() {
         push(&["-incoming", "defer"]);
     }
-    QemuCommand { args: a, macs, cds, links_down, warnings }
+    QemuCommand {
+        args: a,
+        macs,
+        cds,
+        links_down,
+        warnings,
+    }
 }
 
 #[cfg(test)]
@@ -275,15 +355,30 @@ mod tests {
     }
 
     fn slot(c: ControllerKind, n: u32, l: u32) -> Slot {
-        Slot { controller: c, controller_number: n, location: l }
+        Slot {
+            controller: c,
+            controller_number: n,
+            location: l,
+        }
     }
 
     #[test]
     fn gen1_layout_and_boot_order() {
         let mut c = VmConfig::new("vm,1", Generation::Gen1);
-        c.hard_drives.push(HardDrive { slot: slot(ControllerKind::Ide, 0, 1), path: "b.vhdx".into(), read_only: false });
-        c.hard_drives.push(HardDrive { slot: slot(ControllerKind::Ide, 0, 0), path: "a.vhdx".into(), read_only: false });
-        c.dvd_drives.push(DvdDrive { slot: slot(ControllerKind::Ide, 1, 0), path: Some("x.iso".into()) });
+        c.hard_drives.push(HardDrive {
+            slot: slot(ControllerKind::Ide, 0, 1),
+            path: "b.vhdx".into(),
+            read_only: false,
+        });
+        c.hard_drives.push(HardDrive {
+            slot: slot(ControllerKind::Ide, 0, 0),
+            path: "a.vhdx".into(),
+            read_only: false,
+        });
+        c.dvd_drives.push(DvdDrive {
+            slot: slot(ControllerKind::Ide, 1, 0),
+            path: Some("x.iso".into()),
+        });
         c.network_adapters.push(NetworkAdapter {
             id: uuid::Uuid::nil(),
             name: "n".into(),
@@ -295,20 +390,41 @@ mod tests {
         let s = spec(c);
         let p = Paths {
             runtime: "/run/fv/a".into(),
-            disk_sockets: vec!["/run/fv/a/disk-0.sock".into(), "/run/fv/a/disk-1.sock".into()],
+            disk_sockets: vec![
+                "/run/fv/a/disk-0.sock".into(),
+                "/run/fv/a/disk-1.sock".into(),
+            ],
             ovmf: None,
         };
         let q = build(&s, &p);
         let line = q.args.join(" ");
-        assert!(line.contains("-machine pc,accel=tcg,memory-backend=mem"), "{line}");
+        assert!(
+            line.contains("-machine pc,accel=tcg,memory-backend=mem"),
+            "{line}"
+        );
         assert!(line.contains("guest=vm,,1"));
         // Default gen1 order: CD, IDE (by slot), network.
-        assert!(line.contains("ide-cd,id=cd0,bus=ide.1,unit=0,bootindex=1"), "{line}");
-        assert!(line.contains("id=hd1,chardev=disk1,num-queues=1,bootindex=2"), "{line}");
-        assert!(line.contains("id=hd0,chardev=disk0,num-queues=1,bootindex=3"), "{line}");
-        assert!(line.contains("e1000,id=nic0,netdev=net0,mac=00:15:5d:00:00:01,bootindex=4"), "{line}");
+        assert!(
+            line.contains("ide-cd,id=cd0,bus=ide.1,unit=0,bootindex=1"),
+            "{line}"
+        );
+        assert!(
+            line.contains("id=hd1,chardev=disk1,num-queues=1,bootindex=2"),
+            "{line}"
+        );
+        assert!(
+            line.contains("id=hd0,chardev=disk0,num-queues=1,bootindex=3"),
+            "{line}"
+        );
+        assert!(
+            line.contains("e1000,id=nic0,netdev=net0,mac=00:15:5d:00:00:01,bootindex=4"),
+            "{line}"
+        );
         assert_eq!(q.links_down, vec!["nic0".to_string()]);
-        assert_eq!(q.cds, vec![("cd0".to_string(), Some(PathBuf::from("/vms/a/x.iso")))]);
+        assert_eq!(
+            q.cds,
+            vec![("cd0".to_string(), Some(PathBuf::from("/vms/a/x.iso")))]
+        );
         assert!(line.contains("isa-serial,chardev=com0,index=0"));
         assert!(line.contains("socket,id=com0,path=/run/fv/a/com1.sock,server=on,wait=off"));
         assert!(!line.contains("com2.sock"));
@@ -320,19 +436,33 @@ mod tests {
     fn gen2_ovmf_scsi_cd_restore() {
         let mut c = VmConfig::new("g2", Generation::Gen2);
         c.secure_boot = true;
-        c.dvd_drives.push(DvdDrive { slot: slot(ControllerKind::Scsi, 0, 2), path: None });
+        c.dvd_drives.push(DvdDrive {
+            slot: slot(ControllerKind::Scsi, 0, 2),
+            path: None,
+        });
         let mut s = spec(c);
         s.restore_from = Some("/vms/a/saved".into());
         let p = Paths {
             runtime: "/r".into(),
             disk_sockets: vec![],
-            ovmf: Some(("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into(), "/vms/a/vars.fd".into())),
+            ovmf: Some((
+                "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into(),
+                "/vms/a/vars.fd".into(),
+            )),
         };
         let line = build(&s, &p).args.join(" ");
-        assert!(line.contains("-machine q35,accel=tcg,memory-backend=mem,smm=on"), "{line}");
-        assert!(line.contains("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"));
+        assert!(
+            line.contains("-machine q35,accel=tcg,memory-backend=mem,smm=on"),
+            "{line}"
+        );
+        assert!(line.contains(
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+        ));
         assert!(line.contains("if=pflash,format=raw,unit=1,file=/vms/a/vars.fd"));
-        assert!(line.contains("scsi-cd,id=cd0,bus=scsi0.0,channel=0,scsi-id=2,lun=0"), "{line}");
+        assert!(
+            line.contains("scsi-cd,id=cd0,bus=scsi0.0,channel=0,scsi-id=2,lun=0"),
+            "{line}"
+        );
         assert!(line.ends_with("-incoming defer"));
     }
 }

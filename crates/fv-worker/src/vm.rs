@@ -53,7 +53,10 @@ pub struct Vm {
 }
 
 pub fn werr(code: ErrorCode, message: impl Into<String>) -> WorkerError {
-    WorkerError { code, message: message.into() }
+    WorkerError {
+        code,
+        message: message.into(),
+    }
 }
 
 fn qerr(e: fv_qmp::QmpError) -> WorkerError {
@@ -120,18 +123,36 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| werr(ErrorCode::InvalidState, format!("QEMU is not running (state {})", self.state())))
+            .ok_or_else(|| {
+                werr(
+                    ErrorCode::InvalidState,
+                    format!("QEMU is not running (state {})", self.state()),
+                )
+            })
     }
 
     fn invalid(&self, what: &str) -> WorkerError {
         let s = self.lock();
-        let why = s.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
-        werr(ErrorCode::InvalidState, format!("cannot {what} while the VM is {}{why}", s.state))
+        let why = s
+            .reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        werr(
+            ErrorCode::InvalidState,
+            format!("cannot {what} while the VM is {}{why}", s.state),
+        )
     }
 
     fn op_guard(&self, what: &str) -> Result<tokio::sync::MutexGuard<'_, ()>, WorkerError> {
         self.op.try_lock().map_err(|_| {
-            werr(ErrorCode::InvalidState, format!("cannot {what}: another operation is in progress (state {})", self.state()))
+            werr(
+                ErrorCode::InvalidState,
+                format!(
+                    "cannot {what}: another operation is in progress (state {})",
+                    self.state()
+                ),
+            )
         })
     }
 
@@ -175,23 +196,41 @@ impl Vm {
 
     async fn try_start(self: &Arc<Self>) -> Result<()> {
         let spec = &self.spec;
-        spec.config.validate().map_err(|e| anyhow!("invalid config: {e}"))?;
+        spec.config
+            .validate()
+            .map_err(|e| anyhow!("invalid config: {e}"))?;
         let restore = match &spec.restore_from {
             Some(d) => Some(self.check_saved_state(&qemu_cmd::resolve(&spec.vm_dir, d))?),
             None => None,
         };
-        let ovmf = if spec.config.generation == Generation::Gen2 { Some(self.prepare_ovmf()?) } else { None };
+        let ovmf = if spec.config.generation == Generation::Gen2 {
+            Some(self.prepare_ovmf()?)
+        } else {
+            None
+        };
         let spec2 = spec.clone();
-        let served = tokio::task::spawn_blocking(move || disks::start(&spec2)).await.context("disk thread")??;
+        let served = tokio::task::spawn_blocking(move || disks::start(&spec2))
+            .await
+            .context("disk thread")??;
         let disk_sockets = served.iter().map(|d| d.socket.clone()).collect();
         *self.disks.lock().unwrap_or_else(|p| p.into_inner()) = served;
 
-        let paths = Paths { runtime: spec.runtime_dir.clone(), disk_sockets, ovmf };
-        let cmd = qemu_cmd::build(spec, &paths);
+        let paths = Paths {
+            runtime: spec.runtime_dir.clone(),
+            disk_sockets,
+            ovmf,
+        };
+        let mut cmd = qemu_cmd::build(spec, &paths);
+        // Debugging aid only (e.g. a SeaBIOS debugcon): extra QEMU arguments.
+        if let Ok(extra) = std::env::var("FV_WORKER_QEMU_EXTRA") {
+            cmd.args
+                .extend(extra.split_whitespace().map(str::to_string));
+        }
         for w in &cmd.warnings {
             self.emit(Event::Warning { message: w.clone() });
         }
-        *self.cd_ids.lock().unwrap_or_else(|p| p.into_inner()) = cmd.cds.iter().map(|(id, _)| id.clone()).collect();
+        *self.cd_ids.lock().unwrap_or_else(|p| p.into_inner()) =
+            cmd.cds.iter().map(|(id, _)| id.clone()).collect();
         self.lock().macs = cmd.macs.clone();
         for s in [qemu_cmd::QMP_SOCK, qemu_cmd::QGA_SOCK] {
             let _ = std::fs::remove_file(spec.runtime_dir.join(s));
@@ -200,7 +239,11 @@ impl Vm {
             // QEMU connects to our sockets and creates its own in the runtime dir.
             chown_for_qemu(&spec.runtime_dir, uid, gid)?;
         }
-        tracing::info!("qemu: {} {}", spec.qemu_binary.display(), cmd.args.join(" "));
+        tracing::info!(
+            "qemu: {} {}",
+            spec.qemu_binary.display(),
+            cmd.args.join(" ")
+        );
         let child = spawn_qemu(spec, &cmd.args)?;
         let pid = child.id();
         {
@@ -227,11 +270,14 @@ impl Vm {
         for (id, medium) in &cmd.cds {
             if let Some(p) = medium {
                 let path = p.to_str().ok_or_else(|| anyhow!("non-UTF-8 media path"))?;
-                qmp.blockdev_change_medium(id, path, "raw", true).await.with_context(|| format!("insert {path}"))?;
+                qmp.blockdev_change_medium(id, path, "raw", true)
+                    .await
+                    .with_context(|| format!("insert {path}"))?;
             }
         }
         for id in &cmd.links_down {
-            qmp.execute("set_link", Some(json!({"name": id, "up": false}))).await?;
+            qmp.execute("set_link", Some(json!({"name": id, "up": false})))
+                .await?;
         }
         if let Some(dir) = restore {
             self.restore(&qmp, &dir).await?;
@@ -245,13 +291,25 @@ impl Vm {
 
     fn prepare_ovmf(&self) -> Result<(PathBuf, PathBuf)> {
         let sb = self.spec.config.secure_boot;
-        let code = PathBuf::from(if sb { "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd" } else { "/usr/share/OVMF/OVMF_CODE_4M.fd" });
-        let template = PathBuf::from(if sb { "/usr/share/OVMF/OVMF_VARS_4M.ms.fd" } else { "/usr/share/OVMF/OVMF_VARS_4M.fd" });
+        let code = PathBuf::from(if sb {
+            "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+        } else {
+            "/usr/share/OVMF/OVMF_CODE_4M.fd"
+        });
+        let template = PathBuf::from(if sb {
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
+        } else {
+            "/usr/share/OVMF/OVMF_VARS_4M.fd"
+        });
         // The variable store is part of the VM (boot entries live there), so it sits
         // in the VM folder and survives restarts.
-        let vars = self.spec.vm_dir.join(format!("{}.VARS.fd", self.spec.config.id));
+        let vars = self
+            .spec
+            .vm_dir
+            .join(format!("{}.VARS.fd", self.spec.config.id));
         if !vars.exists() {
-            std::fs::copy(&template, &vars).with_context(|| format!("copy {} to {}", template.display(), vars.display()))?;
+            std::fs::copy(&template, &vars)
+                .with_context(|| format!("copy {} to {}", template.display(), vars.display()))?;
         }
         if let (Some(uid), gid) = (self.spec.qemu_uid, self.spec.qemu_gid) {
             std::os::unix::fs::chown(&vars, Some(uid), gid)?;
@@ -261,7 +319,8 @@ impl Vm {
 
     fn check_saved_state(&self, dir: &Path) -> Result<PathBuf> {
         let meta: Value = serde_json::from_slice(
-            &std::fs::read(dir.join(STATE_META)).with_context(|| format!("read {}", dir.join(STATE_META).display()))?,
+            &std::fs::read(dir.join(STATE_META))
+                .with_context(|| format!("read {}", dir.join(STATE_META).display()))?,
         )?;
         let id = self.spec.config.id.to_string();
         if meta.get("vm_id").and_then(Value::as_str) != Some(id.as_str()) {
@@ -277,9 +336,12 @@ impl Vm {
         let sock = self.spec.runtime_dir.join("restore.sock");
         let _ = std::fs::remove_file(&sock);
         let mut ev = qmp.events();
-        qmp.migrate_incoming(&format!("unix:{}", sock.display())).await?;
+        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+            .await?;
         let mut file = tokio::fs::File::open(dir.join(STATE_FILE)).await?;
-        let mut s = tokio::net::UnixStream::connect(&sock).await.context("connect to QEMU's incoming socket")?;
+        let mut s = tokio::net::UnixStream::connect(&sock)
+            .await
+            .context("connect to QEMU's incoming socket")?;
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = file.read(&mut buf).await?;
@@ -362,7 +424,10 @@ impl Vm {
         let clean = success && (expected || shutdown_seen);
         tracing::info!("qemu exited: {detail} (clean {clean})");
         *self.qmp.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.emit(Event::QemuExited { clean, detail: detail.clone() });
+        self.emit(Event::QemuExited {
+            clean,
+            detail: detail.clone(),
+        });
         self.qemu_exit.send_replace(Some((clean, detail.clone())));
         if expected {
             // The operation that made QEMU exit finishes the job.
@@ -474,7 +539,10 @@ impl Vm {
     pub async fn turn_off(&self) -> Result<Value, WorkerError> {
         let _g = self.op_guard("turn off")?;
         let st = self.state();
-        if !matches!(st, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting) {
+        if !matches!(
+            st,
+            VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting
+        ) {
             return Err(self.invalid("turn off"));
         }
         self.lock().exit_expected = true;
@@ -518,11 +586,15 @@ impl Vm {
             if !me.wait_qemu_exit(Duration::from_secs(timeout_s)).await {
                 let still = {
                     let mut s = me.lock();
-                    std::mem::replace(&mut s.shutdown_pending, false) && s.state == VmState::Stopping
+                    std::mem::replace(&mut s.shutdown_pending, false)
+                        && s.state == VmState::Stopping
                 };
                 if still {
                     me.emit(Event::ShutdownTimedOut);
-                    me.set_state(VmState::Running, Some("guest did not shut down in time".into()));
+                    me.set_state(
+                        VmState::Running,
+                        Some("guest did not shut down in time".into()),
+                    );
                 }
             }
         });
@@ -576,10 +648,17 @@ impl Vm {
         }
         let tmp = dir.join(format!("{STATE_FILE}.partial"));
         let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        qmp.migrate(&format!("unix:{}", sock.display())).await.map_err(qerr)?;
+        qmp.migrate(&format!("unix:{}", sock.display()))
+            .await
+            .map_err(qerr)?;
         let (mut conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
             .await
-            .map_err(|_| werr(ErrorCode::QemuError, "QEMU did not connect to the save socket"))?
+            .map_err(|_| {
+                werr(
+                    ErrorCode::QemuError,
+                    "QEMU did not connect to the save socket",
+                )
+            })?
             .map_err(io)?;
         drop(listener);
         let _ = std::fs::remove_file(&sock);
@@ -617,7 +696,10 @@ impl Vm {
             match info.status.as_deref() {
                 Some("completed") => break,
                 Some("failed") | Some("cancelled") => {
-                    return Err(werr(ErrorCode::QemuError, format!("migration failed: {}", info.error_desc.unwrap_or_default())))
+                    return Err(werr(
+                        ErrorCode::QemuError,
+                        format!("migration failed: {}", info.error_desc.unwrap_or_default()),
+                    ))
                 }
                 _ if tokio::time::Instant::now() > deadline => {
                     return Err(werr(ErrorCode::QemuError, "migration did not complete"))
@@ -638,14 +720,21 @@ impl Vm {
         });
         let final_path = dir.join(STATE_FILE);
         std::fs::rename(&tmp, &final_path).map_err(io)?;
-        let meta_bytes = serde_json::to_vec_pretty(&meta).map_err(|e| werr(ErrorCode::Internal, e.to_string()))?;
+        let meta_bytes = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| werr(ErrorCode::Internal, e.to_string()))?;
         write_synced(&dir.join(STATE_META), &meta_bytes).map_err(io)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         self.emit(Event::SaveProgress { percent: 100 });
         Ok(json!({ "path": final_path, "bytes": total }))
     }
 
-    pub async fn change_media(&self, index: usize, path: Option<&Path>) -> Result<Value, WorkerError> {
+    pub async fn change_media(
+        &self,
+        index: usize,
+        path: Option<&Path>,
+    ) -> Result<Value, WorkerError> {
         let _g = self.op_guard("change media")?;
         if !matches!(self.state(), VmState::Running | VmState::Paused) {
             return Err(self.invalid("change media"));
@@ -661,11 +750,15 @@ impl Vm {
         match path {
             Some(p) => {
                 let p = qemu_cmd::resolve(&self.spec.vm_dir, p);
-                let s = p.to_str().ok_or_else(|| werr(ErrorCode::BadRequest, "path is not UTF-8"))?;
+                let s = p
+                    .to_str()
+                    .ok_or_else(|| werr(ErrorCode::BadRequest, "path is not UTF-8"))?;
                 if !p.is_file() {
                     return Err(werr(ErrorCode::BadRequest, format!("{s} is not a file")));
                 }
-                qmp.blockdev_change_medium(&id, s, "raw", true).await.map_err(qerr)?;
+                qmp.blockdev_change_medium(&id, s, "raw", true)
+                    .await
+                    .map_err(qerr)?;
             }
             None => qmp.eject(&id).await.map_err(qerr)?,
         }
@@ -730,7 +823,10 @@ pub fn proc_stats(pid: u32) -> Value {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
@@ -747,7 +843,10 @@ fn chown_for_qemu(runtime: &Path, uid: u32, gid: Option<u32>) -> Result<()> {
     std::os::unix::fs::chown(runtime, Some(uid), gid)?;
     for e in std::fs::read_dir(runtime)? {
         let p = e?.path();
-        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("disk-")) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("disk-"))
+        {
             std::os::unix::fs::chown(&p, Some(uid), gid)?;
         }
     }
@@ -783,6 +882,8 @@ fn spawn_qemu(spec: &LaunchSpec, args: &[String]) -> Result<tokio::process::Chil
             Ok(())
         });
     }
-    let child = tokio::process::Command::from(cmd).spawn().with_context(|| format!("spawn {}", spec.qemu_binary.display()))?;
+    let child = tokio::process::Command::from(cmd)
+        .spawn()
+        .with_context(|| format!("spawn {}", spec.qemu_binary.display()))?;
     Ok(child)
 }

@@ -2,8 +2,9 @@
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -17,7 +18,8 @@ fn template() -> fv_guest_template::Template {
 /// Kills QEMU on every path, including panics.
 struct Qemu {
     child: Child,
-    serial: PathBuf,
+    serial_out: Arc<Mutex<Vec<u8>>>,
+    serial_in: UnixStream,
 }
 
 impl Drop for Qemu {
@@ -33,7 +35,7 @@ impl Qemu {
     }
 
     fn spawn_with(dir: &Path, extra: &[&str], boot_args: &[String]) -> Qemu {
-        let serial = dir.join("serial.log");
+        let serial = dir.join("serial.sock");
         let qga = dir.join("qga.sock");
         let qmp = dir.join("qmp.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -47,8 +49,14 @@ impl Qemu {
             "-monitor",
             "none",
         ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
+        // wait=on: QEMU starts the guest only once we are connected, so no
+        // console output is lost.
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ser0,path={},server=on,wait=on",
+            serial.display()
+        ))
+        .args(["-serial", "chardev:ser0"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .args(["-device", "virtio-serial"])
@@ -66,14 +74,69 @@ impl Qemu {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap_or_else(|e| {
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start qemu-system-x86_64 (run scripts/install-deps): {e}")
         });
-        Qemu { child, serial }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match UnixStream::connect(&serial) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        let mut err = String::new();
+                        if let Some(mut se) = child.stderr.take() {
+                            let _ = se.read_to_string(&mut err);
+                        }
+                        panic!("cannot connect to QEMU's serial socket: {e}; qemu stderr: {err}");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let serial_out = Arc::new(Mutex::new(Vec::new()));
+        let (mut r, buf) = (stream.try_clone().unwrap(), serial_out.clone());
+        // Ends when QEMU closes the socket (it exits or is killed by Drop).
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Qemu {
+            child,
+            serial_out,
+            serial_in: stream,
+        }
     }
 
     fn serial_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+        String::from_utf8_lossy(&self.serial_out.lock().unwrap()).into_owned()
+    }
+
+    /// Types a line on the serial console and waits for `expect` in the output after it.
+    fn console(&mut self, line: &str, expect: &str) {
+        let from = self.serial_out.lock().unwrap().len();
+        self.serial_in
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.serial_out.lock().unwrap()[from..].to_vec();
+            if String::from_utf8_lossy(&out).contains(expect) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console: no {expect:?} after {line:?}; got {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits for the ready marker; returns the time since `started`.
@@ -321,6 +384,13 @@ fn direct_boot_with_data_disk() {
     let mut qga = JsonLines::connect(&tmp.path().join("qga.sock"));
     qga.sync(0x5eed_0003);
     check_data_fs(&mut qga);
+
+    // The serial console is an interactive shell.
+    q.console("echo console-$((6 * 7))-ok", "console-42-ok");
+    q.console(
+        "cat /data/hello.txt",
+        fv_guest_template::SEED_CONTENT.trim(),
+    );
 
     // ACPI power button (QMP system_powerdown) -> busybox acpid -> poweroff.
     let mut qmp = JsonLines::connect(&tmp.path().join("qmp.sock"));

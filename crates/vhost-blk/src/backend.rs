@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -52,6 +53,7 @@ pub(crate) fn offered_features(read_only: bool, writeback: bool, num_queues: u16
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
         | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_GEOMETRY)
         | bit(VIRTIO_BLK_F_BLK_SIZE)
         | bit(VIRTIO_BLK_F_TOPOLOGY);
     if writeback {
@@ -86,7 +88,12 @@ pub(crate) fn build_config(
     put(0, &(size / SECTOR).to_le_bytes()); // capacity
     put(8, &0u32.to_le_bytes()); // size_max (feature not offered)
     put(12, &seg_max.to_le_bytes());
-    // 16..20 geometry: feature not offered.
+    // Legacy BIOS code (SeaBIOS, boot loaders using CHS) divides by the geometry, so a
+    // zero geometry hangs boot loaders: offer the usual 16 heads x 63 sectors.
+    let cylinders = (size / SECTOR / (16 * 63)).clamp(1, u64::from(u16::MAX)) as u16;
+    put(16, &cylinders.to_le_bytes());
+    put(18, &[16]); // heads
+    put(19, &[63]); // sectors
     put(20, &logical.to_le_bytes()); // blk_size
     let ratio = (physical / logical.max(1)).max(1);
     put(24, &[ratio.trailing_zeros() as u8]); // physical_block_exp
@@ -156,7 +163,22 @@ impl BlkBackend {
         loop {
             // Hold the vring lock only to pop; the I/O runs without it.
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    let st = vring.get_ref();
+                    let q = st.get_queue();
+                    tracing::trace!(
+                        "vhost-blk: queue drained: next_avail {} avail_idx {:?} size {} ready {} avail@{:#x} used@{:#x}",
+                        q.next_avail(),
+                        q.avail_idx(&*mem, Ordering::Acquire),
+                        q.size(),
+                        q.ready(),
+                        q.avail_ring(),
+                        q.used_ring()
+                    );
+                }
+                break;
+            };
             let head = chain.head_index();
             let len = self.ctx.process_chain(chain, &*mem, scratch);
             vring
@@ -249,7 +271,17 @@ impl VhostUserBackend for BlkBackend {
         ))
     }
 
-    fn update_memory(&self, _mem: Mem) -> io::Result<()> {
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            for r in mem.memory().iter() {
+                tracing::debug!(
+                    "vhost-blk: guest memory {:#x}+{:#x}",
+                    r.start_addr().0,
+                    r.len()
+                );
+            }
+        }
         // The handler updates the shared GuestMemoryAtomic we already hold.
         Ok(())
     }
@@ -292,6 +324,11 @@ impl VhostUserBackend for BlkBackend {
         let mut scratch = slot
             .lock()
             .map_err(|_| io::Error::other("scratch lock poisoned"))?;
-        self.process_queue(vring, &mut scratch)
+        let r = self.process_queue(vring, &mut scratch);
+        if let Err(e) = &r {
+            // The library ends this queue's worker thread on error; say why.
+            tracing::error!("vhost-blk: queue {thread_id} stopped: {e}");
+        }
+        r
     }
 }

@@ -235,6 +235,12 @@ impl DeviceCtx {
                 malformed = true;
                 break;
             }
+            tracing::trace!(
+                "vhost-blk: desc {:#x}+{} write={}",
+                desc.addr().0,
+                desc.len(),
+                desc.is_write_only()
+            );
             if desc.len() == 0 {
                 continue;
             }
@@ -317,6 +323,9 @@ impl DeviceCtx {
         let req_type = le_u32(&hdr, 0);
         let sector = le_u64(&hdr, 8);
         let data_out_len = rlen - HEADER_LEN;
+        tracing::trace!(
+            "vhost-blk: request type {req_type} sector {sector} out {data_out_len} in {data_in_len}"
+        );
 
         match req_type {
             VIRTIO_BLK_T_IN => self.read(mem, scratch, sector, data_in_len),

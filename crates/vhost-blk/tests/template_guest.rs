@@ -31,13 +31,14 @@ fn copy_to(dir: &Path, src: &Path, name: &str) -> PathBuf {
     dst
 }
 
-// Known open issue: SeaBIOS loads the MBR and the partition boot record through our
-// backend, then the syslinux MBR reports a failed int 13h read (it halts waiting for
-// a key at 0000:06xx) without issuing a third request, while the same image boots with
-// QEMU's built-in virtio-blk. The boot-sector test (tests/seabios_bootsector.rs) covers
-// SeaBIOS booting from and writing to the device meanwhile.
+// Known open issue: SeaBIOS reads LBA 0 (MBR) and LBA 2048 (the syslinux FAT16 boot
+// record) through our backend, both complete with status OK and the right data, then the
+// guest sits in SeaBIOS's int 16h keyboard wait without issuing a third request or
+// printing anything; the same image boots with QEMU's built-in virtio-blk. The boot-sector
+// test (tests/seabios_bootsector.rs) covers SeaBIOS booting from and writing to the
+// device meanwhile.
 #[test]
-#[ignore = "syslinux MBR fails its second int13 read over vhost-user-blk; under investigation"]
+#[ignore = "open issue: syslinux stalls after loading its boot record over vhost-user-blk"]
 fn template_boots_from_vhost_user_blk_via_seabios() {
     let t = template();
     let dir = tempfile::tempdir().unwrap();

@@ -70,8 +70,9 @@ const OPTIONAL_MODULES: &[&str] = &[
     "hv_utils",
 ];
 
-/// Busybox applets not linked into the guest: PID 1 is our script.
-const SKIP_APPLETS: &[&str] = &["init", "linuxrc"];
+/// Busybox applets not linked into the guest: PID 1 is our script, and
+/// /sbin/shutdown is ours (busybox has none; explicit to be safe).
+const SKIP_APPLETS: &[&str] = &["init", "linuxrc", "shutdown"];
 
 /// Everything besides package versions that shapes the output; hashed into the cache key.
 pub fn recipe_fingerprint() -> String {
@@ -84,6 +85,7 @@ pub fn recipe_fingerprint() -> String {
         gf::UDHCPC_SCRIPT,
         gf::PROFILE,
         gf::HELLO,
+        gf::OS_RELEASE,
         BASE_CMDLINE,
         &syslinux_cfg(),
         &REQUIRED_MODULES.join(","),
@@ -228,19 +230,29 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     // busybox-static: the binary plus one symlink per applet.
     let bb = resolve_in_root(&proot, Path::new("bin/busybox"))
         .ok_or_else(|| TemplateError::Build("busybox-static did not provide bin/busybox".into()))?;
-    let list = run(Command::new(&bb).arg("--list"))?;
+    // --list-full gives each applet's conventional directory (sbin/hwclock, ...):
+    // qemu-ga runs some helpers by absolute path.
+    let list = run(Command::new(&bb).arg("--list-full"))?;
     tree.file("usr/bin/busybox", 0o755, read(&bb)?);
-    for applet in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if SKIP_APPLETS.contains(&applet) || applet.contains('/') || applet == "busybox" {
+    let mut applets = BTreeSet::new();
+    for full in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
+        let (dir, applet) = full.rsplit_once('/').unwrap_or(("bin", full));
+        if SKIP_APPLETS.contains(&applet) || applet == "busybox" || applet.is_empty() {
             continue;
         }
-        tree.link(&format!("usr/bin/{applet}"), "busybox");
+        let (path, target) = match dir.trim_start_matches("usr/") {
+            "bin" => (format!("usr/bin/{applet}"), "busybox"),
+            "sbin" => (format!("usr/sbin/{applet}"), "../bin/busybox"),
+            _ => continue,
+        };
+        tree.link(&path, target);
+        applets.insert(applet.to_string());
     }
     for a in [
         "acpid", "mdev", "ip", "ifconfig", "route", "udhcpc", "insmod", "modprobe", "poweroff",
         "reboot", "halt",
     ] {
-        if list.lines().any(|l| l.trim() == a) {
+        if applets.contains(a) {
             continue;
         }
         return Err(TemplateError::Build(format!(
@@ -385,6 +397,7 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     tree.file("etc/passwd", 0o644, gf::PASSWD.into());
     tree.file("etc/group", 0o644, gf::GROUP.into());
     tree.file("etc/hosts", 0o644, gf::HOSTS.into());
+    tree.file("etc/os-release", 0o644, gf::OS_RELEASE.into());
     tree.file("etc/resolv.conf", 0o644, Vec::new());
 
     let initrd = out.join(INITRD);

@@ -126,7 +126,7 @@ act="${1:-poweroff}"
 sync
 mount -o remount,ro /data 2>/dev/null
 sync
-exec "/usr/bin/$act" -f
+exec /usr/bin/busybox "$act" -f
 "#;
 
 /// qemu-ga runs `/sbin/shutdown -h -P +0 "..."` (or -r / -H). Answer at once
@@ -173,3 +173,6 @@ pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n";
 pub const GROUP: &str = "root:x:0:\n";
 pub const HOSTS: &str = "127.0.0.1 localhost\n";
 pub const HELLO: &str = "hello from the ferrovisor guest template\n";
+
+/// For qemu-ga's guest-get-osinfo.
+pub const OS_RELEASE: &str = "NAME=\"Ferrovisor guest template\"\nID=ferrovisor-template\nID_LIKE=debian\nVERSION_ID=1\nPRETTY_NAME=\"Ferrovisor guest template (Debian bookworm packages)\"\n";

@@ -327,6 +327,8 @@ fn bios_disk_boots_and_agent_works() {
     );
 
     check_data_fs(&mut qga);
+    let os = qga.call("guest-get-osinfo", Value::Null);
+    assert_eq!(os["id"], json!("ferrovisor-template"), "{os}");
     assert_eq!(
         qga.call("guest-get-host-name", Value::Null)["host-name"],
         json!("fvguest")
@@ -472,5 +474,12 @@ fn generic_kernel_boots_from_ahci_with_e1000() {
     assert!(
         mounts.lines().any(|l| l.starts_with("/dev/sda2 /data ")),
         "{mounts}"
+    );
+    // Plain `poweroff` on the console signals PID 1, which powers off.
+    q.console("echo bye-$((40 + 2))", "bye-42");
+    q.serial_in.write_all(b"poweroff\n").unwrap();
+    assert!(
+        q.wait_exit(Duration::from_secs(60)),
+        "guest ignored `poweroff`"
     );
 }

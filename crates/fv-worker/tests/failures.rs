@@ -123,3 +123,38 @@ fn qemu_crash_is_critical() {
     // ...and exits soon after that status was read.
     assert!(w.wait_exit(Duration::from_secs(30)), "worker lingered");
 }
+
+/// `qemu_uid`/`qemu_gid`: QEMU drops to another user and still reaches every socket.
+#[test]
+fn qemu_runs_as_unprivileged_user() {
+    let vm = gen1_vm("runas");
+    let mut spec = vm.spec(None);
+    spec.qemu_uid = Some(65534);
+    spec.qemu_gid = Some(65534);
+    let p = vm.vm_dir.path().join("launch.json");
+    std::fs::write(&p, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_fv-worker"))
+        .arg("--launch")
+        .arg(&p)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut w = Worker::from_pid(pid, vm.run_dir.path());
+    w.child = Some(child);
+    let mut c = w.connect();
+    c.ok(json!({"op": "subscribe"}));
+    if c.status()["state"] != "Running" {
+        c.wait_state(VmState::Running, Duration::from_secs(120));
+    }
+    w.qemu_pid = c.status()["qemu_pid"].as_i64().unwrap() as i32;
+    let st = std::fs::read_to_string(format!("/proc/{}/status", w.qemu_pid)).unwrap();
+    let uid_line = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
+    let console = Console::connect(&vm.sock("com1.sock"));
+    console.wait_for("FERROVISOR-GUEST-READY", BOOT_TIMEOUT);
+    assert!(c.call(json!({"op": "guest_ping"}), Duration::from_secs(60)).is_ok());
+    c.ok(json!({"op": "turn_off"}));
+    c.wait_state(VmState::Off, Duration::from_secs(60));
+    assert!(w.wait_exit(Duration::from_secs(60)));
+}

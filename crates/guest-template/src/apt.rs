@@ -77,6 +77,9 @@ pub fn resolve(kernel_meta: &str) -> Result<PackageSet, TemplateError> {
     let mut all: BTreeSet<String> = BTreeSet::new();
     all.insert(kernel_pkg.clone());
     all.insert("busybox-static".into());
+    // UEFI boot of the same disk: syslinux.efi and its ldlinux.e64.
+    all.insert("syslinux-efi".into());
+    all.insert("syslinux-common".into());
     let mut frontier = vec!["qemu-guest-agent".to_string()];
     // Walk only through library packages: that is where shared objects come from;
     // the ELF NEEDED walk at build time proves the set complete.

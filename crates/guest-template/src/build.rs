@@ -413,7 +413,7 @@ pub fn build(set: &PackageSet, work: &Path, out: &Path) -> Result<Built, Templat
     fs::write(seed.join("hello.txt"), gf::HELLO).map_err(|e| io_err(&seed, e))?;
     make_ext4(&seed, &out.join(DATA_DISK), DATA_DISK_SIZE)?;
 
-    make_bios_disk(work, out, &seed)?;
+    make_bios_disk(work, out, &seed, &proot)?;
 
     Ok(Built {
         kernel_version,
@@ -518,7 +518,16 @@ fn syslinux_cfg() -> String {
     )
 }
 
-fn make_bios_disk(work: &Path, out: &Path, seed: &Path) -> Result<(), TemplateError> {
+fn mtools(tool: &str, fat: &Path, args: &[&std::ffi::OsStr]) -> Result<(), TemplateError> {
+    run(Command::new(tool)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(fat)
+        .args(args))
+    .map(|_| ())
+}
+
+fn make_bios_disk(work: &Path, out: &Path, seed: &Path, proot: &Path) -> Result<(), TemplateError> {
     let fat = work.join("boot-fat.img");
     let cfg = work.join("syslinux.cfg");
     fs::write(&cfg, syslinux_cfg()).map_err(|e| io_err(&cfg, e))?;
@@ -541,6 +550,39 @@ fn make_bios_disk(work: &Path, out: &Path, seed: &Path) -> Result<(), TemplateEr
         .env("MTOOLS_SKIP_CHECK", "1")
         .arg("--install")
         .arg(&fat))?;
+    // The same partition is the UEFI removable-media boot path: OVMF (and
+    // Hyper-V-like generation 2 firmware) starts \EFI\BOOT\BOOTX64.EFI, which is
+    // syslinux.efi reading the syslinux.cfg next to it.
+    let efi = resolve_in_root(proot, Path::new("usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"))
+        .ok_or_else(|| {
+            TemplateError::Build("syslinux-efi did not provide efi64/syslinux.efi".into())
+        })?;
+    let ldl = resolve_in_root(
+        proot,
+        Path::new("usr/lib/syslinux/modules/efi64/ldlinux.e64"),
+    )
+    .ok_or_else(|| {
+        TemplateError::Build("syslinux-common did not provide efi64/ldlinux.e64".into())
+    })?;
+    mtools("mmd", &fat, &["::EFI".as_ref(), "::EFI/BOOT".as_ref()])?;
+    mtools(
+        "mcopy",
+        &fat,
+        &[efi.as_os_str(), "::EFI/BOOT/BOOTX64.EFI".as_ref()],
+    )?;
+    mtools(
+        "mcopy",
+        &fat,
+        &[ldl.as_os_str(), "::EFI/BOOT/ldlinux.e64".as_ref()],
+    )?;
+    mtools(
+        "mcopy",
+        &fat,
+        &[
+            work.join("syslinux.cfg").as_os_str(),
+            "::EFI/BOOT/syslinux.cfg".as_ref(),
+        ],
+    )?;
     let ext = work.join("data-part.img");
     make_ext4(seed, &ext, P2_SIZE)?;
 

@@ -24,7 +24,7 @@ pub const READY_MARKER: &str = "FERROVISOR-GUEST-READY";
 
 /// Bump whenever the build recipe (scripts, layout, module list...) changes:
 /// it is part of the cache key.
-pub const RECIPE_VERSION: &str = "fv-guest-template/1";
+pub const RECIPE_VERSION: &str = "fv-guest-template/2";
 
 /// Label of the ext4 data filesystem (partition 2 of the BIOS disk, and the data disk).
 pub const DATA_LABEL: &str = build::DATA_LABEL;

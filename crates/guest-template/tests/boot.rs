@@ -483,3 +483,49 @@ fn generic_kernel_boots_from_ahci_with_e1000() {
         "guest ignored `poweroff`"
     );
 }
+
+/// The same disk boots under UEFI (OVMF on q35, like a generation 2 VM):
+/// \EFI\BOOT\BOOTX64.EFI on partition 1 is syslinux.efi.
+#[test]
+fn bios_disk_also_boots_with_uefi() {
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let vars_template = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+    assert!(
+        code.is_file() && vars_template.is_file(),
+        "OVMF firmware missing (install the ovmf package: scripts/install-deps)"
+    );
+    let t = template();
+    let tmp = tempfile::tempdir().unwrap();
+    let vars = tmp.path().join("vars.fd");
+    std::fs::copy(vars_template, &vars).unwrap();
+    let started = Instant::now();
+    let mut q = Qemu::spawn(
+        tmp.path(),
+        &[
+            "-machine".into(),
+            "q35".into(),
+            "-drive".into(),
+            format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
+            "-drive".into(),
+            format!("if=pflash,format=raw,file={}", vars.display()),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                t.bios_disk.display()
+            ),
+        ],
+    );
+    let took = q.wait_ready(started);
+    eprintln!(
+        "UEFI (OVMF): ready marker after {:.2} s (TCG)",
+        took.as_secs_f64()
+    );
+    let mut qga = JsonLines::connect(&tmp.path().join("qga.sock"));
+    qga.sync(0x5eed_0005);
+    check_data_fs(&mut qga);
+    let ifaces = qga.call("guest-network-get-interfaces", Value::Null);
+    assert!(
+        has_addr(&ifaces, "10.0.2.15"),
+        "no slirp DHCP address: {ifaces}"
+    );
+}

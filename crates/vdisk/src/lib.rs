@@ -13,6 +13,8 @@ use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 /// Longest chain we follow; deeper chains are refused as corrupt (Hyper-V's practical
 /// limit is far lower).
@@ -257,6 +259,67 @@ pub struct Disk {
     read_only: bool,
     /// Serialises read-modify-write of partial sectors.
     rmw: parking_lot::Mutex<()>,
+    /// Which ancestor serves each unit of the disk (see [`OwnerMap`]).
+    owners: OwnerMap,
+}
+
+/// Owner cache for the layers below the top. Ancestors are opened read-only and
+/// nothing changes them while the chain is open (their handles never re-read their
+/// metadata either), so "which ancestor holds unit N" is computed once per unit and
+/// a read that falls through the top goes straight to that layer instead of asking
+/// every empty layer in between (a depth-32 chain otherwise costs 31 metadata
+/// lookups per read). Only the top layer is writable, and it is always consulted
+/// first, so its writes and discards need no invalidation here.
+struct OwnerMap {
+    /// log2 of the unit size: the smallest block size among the ancestors, so a
+    /// unit is normally wholly inside one block of every ancestor.
+    shift: u32,
+    /// Lazily filled pages of [`OWNERS_PER_PAGE`] entries: 0 = not computed yet,
+    /// [`OWNER_MIXED`] = the unit is split between layers (use the layer-by-layer
+    /// walk), otherwise the level of the owning layer (== number of layers when no
+    /// ancestor holds it: zeros).
+    pages: Vec<OnceLock<Box<[AtomicU8]>>>,
+}
+
+const OWNERS_PER_PAGE: u64 = 4096;
+const OWNER_UNKNOWN: u8 = 0;
+const OWNER_MIXED: u8 = u8::MAX;
+// Levels are stored in a u8 next to the two markers above.
+const _: () = assert!(MAX_CHAIN_DEPTH < OWNER_MIXED as usize);
+
+impl OwnerMap {
+    fn new(layers: &[LayerFile], size: u64) -> OwnerMap {
+        if layers.len() < 2 {
+            return OwnerMap {
+                shift: 0,
+                pages: Vec::new(),
+            };
+        }
+        let unit = layers[1..]
+            .iter()
+            .map(|l| u64::from(l.layer().info().block_size))
+            .filter(|b| *b > 0)
+            .min()
+            .unwrap_or(2 << 20)
+            .clamp(64 << 10, 256 << 20);
+        // Round down to a power of two (block sizes are, but be safe on odd files).
+        let shift = 63 - unit.leading_zeros();
+        let units = size.div_ceil(1 << shift);
+        let pages = (0..units.div_ceil(OWNERS_PER_PAGE))
+            .map(|_| OnceLock::new())
+            .collect();
+        OwnerMap { shift, pages }
+    }
+
+    fn slot(&self, unit: u64) -> Option<&AtomicU8> {
+        let page = self.pages.get((unit / OWNERS_PER_PAGE) as usize)?;
+        let page = page.get_or_init(|| {
+            (0..OWNERS_PER_PAGE)
+                .map(|_| AtomicU8::new(OWNER_UNKNOWN))
+                .collect()
+        });
+        page.get((unit % OWNERS_PER_PAGE) as usize)
+    }
 }
 
 /// Open a disk image and its differencing chain.
@@ -311,12 +374,14 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
         paths.push(ppath);
     }
     let size = layers[0].layer().info().virtual_size;
+    let owners = OwnerMap::new(&layers, size);
     Ok(Disk {
         layers,
         paths,
         size,
         read_only: opts.read_only,
         rmw: parking_lot::Mutex::new(()),
+        owners,
     })
 }
 
@@ -357,6 +422,8 @@ impl Disk {
         self.layers.first().and_then(|l| l.image())
     }
 
+    /// Read through the chain starting at `level`. Below the top, ranges go
+    /// straight to the ancestor that owns them (see [`OwnerMap`]).
     fn read_from(&self, level: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let Some(layer) = self.layers.get(level) else {
             buf.fill(0);
@@ -371,12 +438,76 @@ impl Disk {
                 if s >= e {
                     continue;
                 }
-                self.read_from(level + 1, a.start, &mut buf[s..e])?;
+                let (start, part) = (offset + s as u64, &mut buf[s..e]);
+                if level == 0 {
+                    self.read_lower(start, part)?;
+                } else {
+                    self.read_from(level + 1, start, part)?;
+                }
             }
             Ok(())
         });
         give_vec(absent);
         r
+    }
+
+    /// Read a range the top layer does not hold: split it into owner-cache units
+    /// and read each run of units with the same owner from that owner directly.
+    fn read_lower(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let shift = self.owners.shift;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let owner = self.owner(pos >> shift)?;
+            let mut run_end = ((pos >> shift) + 1) << shift;
+            while run_end < end && self.owner(run_end >> shift)? == owner {
+                run_end += 1 << shift;
+            }
+            let run_end = run_end.min(end);
+            let part = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            // A mixed unit is walked layer by layer from the first ancestor.
+            let level = if owner == OWNER_MIXED {
+                1
+            } else {
+                usize::from(owner)
+            };
+            self.read_from(level, pos, part)?;
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// The level of the ancestor holding all of `unit`, computed on first use.
+    fn owner(&self, unit: u64) -> Result<u8> {
+        let Some(slot) = self.owners.slot(unit) else {
+            return Ok(OWNER_MIXED);
+        };
+        let cached = slot.load(Ordering::Relaxed);
+        if cached != OWNER_UNKNOWN {
+            return Ok(cached);
+        }
+        let start = unit << self.owners.shift;
+        let len = (1u64 << self.owners.shift).min(self.size.saturating_sub(start));
+        let mut owner = u8::try_from(self.layers.len()).unwrap_or(OWNER_MIXED);
+        for (level, l) in self.layers.iter().enumerate().skip(1) {
+            let ext = l.layer().extents(start, len)?;
+            let absent = ext
+                .iter()
+                .filter(|e| e.state == ExtentState::Absent)
+                .count();
+            if absent == ext.len() {
+                continue;
+            }
+            owner = if absent == 0 {
+                u8::try_from(level).unwrap_or(OWNER_MIXED)
+            } else {
+                OWNER_MIXED
+            };
+            break;
+        }
+        // Racing threads compute the same answer; either store is fine.
+        slot.store(owner, Ordering::Relaxed);
+        Ok(owner)
     }
 
     fn status_from(

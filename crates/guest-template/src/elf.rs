@@ -14,22 +14,20 @@ pub struct ElfInfo {
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     let s = b.get(off..off.checked_add(2)?)?;
-    Some(u16::from_le_bytes([s[0], s[1]]))
+    Some(u16::from_le_bytes(s.try_into().ok()?))
 }
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     let s = b.get(off..off.checked_add(4)?)?;
-    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    Some(u32::from_le_bytes(s.try_into().ok()?))
 }
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     let s = b.get(off..off.checked_add(8)?)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Some(u64::from_le_bytes(a))
+    Some(u64::from_le_bytes(s.try_into().ok()?))
 }
 fn cstr_at(b: &[u8], off: usize) -> Option<String> {
     let tail = b.get(off..)?;
     let end = tail.iter().position(|&c| c == 0)?;
-    Some(String::from_utf8_lossy(&tail[..end]).into_owned())
+    Some(String::from_utf8_lossy(tail.get(..end)?).into_owned())
 }
 
 struct Section {

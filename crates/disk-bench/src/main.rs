@@ -4,6 +4,15 @@
 //! fsync in the timed loops): it measures the engine's own per-request cost, which
 //! is what the ratio goals (dynamic VHDX >= 0.9x raw, depth 32 >= 0.9x depth 1)
 //! are about.
+//!
+//! Every figure is the median of `--rounds` runs, and the targets (or chain depths)
+//! being compared take turns inside each round, so a burst of load from other
+//! processes cannot land on one side of a ratio only. By default time is the
+//! benchmark thread's own CPU time (user + kernel, so every syscall's cost counts),
+//! not wall time: on a shared machine wall time also counts the time the thread
+//! sat runnable while other processes had the CPUs. There is nothing to wait for
+//! in the timed loops (page cache / tmpfs, no fsync), so CPU time is the request
+//! cost. `--clock wall` gives wall-clock figures.
 use anyhow::{anyhow, bail, Context, Result};
 use fv_vdisk::{ops, BlockDevice, CreateSpec, DiskFormat, DiskKind, OpenOptions};
 use std::fs::File;
@@ -23,6 +32,8 @@ struct Config {
     depths: Vec<usize>,
     qemu: bool,
     only: Option<String>,
+    rounds: usize,
+    wall: bool,
 }
 
 fn parse_args() -> Result<Config> {
@@ -40,6 +51,8 @@ fn parse_args() -> Result<Config> {
         depths: vec![1, 8, 32],
         qemu: true,
         only: None,
+        rounds: 5,
+        wall: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -56,12 +69,20 @@ fn parse_args() -> Result<Config> {
                     .collect::<Result<_, _>>()?
             }
             "--no-qemu" => c.qemu = false,
+            "--rounds" => c.rounds = val()?.parse::<usize>()?.max(1),
+            "--clock" => {
+                c.wall = match val()?.as_str() {
+                    "wall" => true,
+                    "cpu" => false,
+                    v => bail!("--clock takes cpu or wall, not {v}"),
+                }
+            }
             // "io" or "chain": run one section (e.g. for profiling).
             "--only" => c.only = Some(val()?),
             "-h" | "--help" => {
                 println!(
                     "fv-disk-bench [--dir DIR] [--size 1G] [--rand-ops 100000] [--chain-size 1G] \
-                     [--depths 1,8,32] [--no-qemu] [--only io|chain]"
+                     [--depths 1,8,32] [--rounds 5] [--clock cpu|wall] [--no-qemu] [--only io|chain]"
                 );
                 std::process::exit(0);
             }
@@ -103,12 +124,48 @@ impl Rng {
     }
 }
 
+/// This thread's CPU time (user + system) in seconds.
+fn thread_cpu() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+static WALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts a measurement on the configured clock.
+struct Timer {
+    wall: Instant,
+    cpu: f64,
+}
+
+impl Timer {
+    fn start() -> Timer {
+        Timer {
+            wall: Instant::now(),
+            cpu: thread_cpu(),
+        }
+    }
+    fn secs(&self) -> f64 {
+        if WALL.load(std::sync::atomic::Ordering::Relaxed) {
+            self.wall.elapsed().as_secs_f64()
+        } else {
+            thread_cpu() - self.cpu
+        }
+    }
+}
+
 /// One measurement: bytes moved and ops done in a time.
 #[derive(Clone, Copy, Default)]
 struct Fig {
     bytes: u64,
     ops: u64,
     secs: f64,
+}
+
+/// The measurement with the median rate (figures of one cell across rounds).
+fn median(mut v: Vec<Fig>) -> Option<Fig> {
+    v.sort_by(|a, b| a.mibs().total_cmp(&b.mibs()));
+    v.get(v.len() / 2).copied()
 }
 
 impl Fig {
@@ -122,7 +179,7 @@ impl Fig {
 
 fn seq(t: &Target, size: u64, write: bool) -> Result<Fig> {
     let mut buf = vec![0x5au8; MIB as usize];
-    let start = Instant::now();
+    let start = Timer::start();
     let mut off = 0;
     while off < size {
         if write {
@@ -136,7 +193,7 @@ fn seq(t: &Target, size: u64, write: bool) -> Result<Fig> {
     Ok(Fig {
         bytes: size,
         ops: size / MIB,
-        secs: start.elapsed().as_secs_f64(),
+        secs: start.secs(),
     })
 }
 
@@ -144,7 +201,7 @@ fn random(t: &Target, size: u64, ops: u64, write: bool, seed: u64) -> Result<Fig
     let mut buf = vec![0xa5u8; 4096];
     let mut rng = Rng(seed | 1);
     let blocks = size / 4096;
-    let start = Instant::now();
+    let start = Timer::start();
     for _ in 0..ops {
         let off = (rng.next() % blocks) * 4096;
         if write {
@@ -156,7 +213,7 @@ fn random(t: &Target, size: u64, ops: u64, write: bool, seed: u64) -> Result<Fig
     Ok(Fig {
         bytes: ops * 4096,
         ops,
-        secs: start.elapsed().as_secs_f64(),
+        secs: start.secs(),
     })
 }
 
@@ -184,6 +241,7 @@ fn engine_open(path: &Path) -> Result<Target> {
 }
 
 /// A row of the I/O table; None where a figure does not apply.
+#[derive(Default)]
 struct Row {
     name: String,
     cold_w: Option<Fig>,
@@ -191,24 +249,37 @@ struct Row {
     seq_r: Option<Fig>,
     rnd_w: Option<Fig>,
     rnd_r: Option<Fig>,
+    cold_rnd_w: Option<Fig>,
 }
 
-fn full_row(name: &str, t: &Target, c: &Config) -> Result<Row> {
+/// All figures of one round for one target. `make` creates a fresh target at the
+/// path given (called twice: the cold random-write pass needs a fresh disk too).
+fn full_row(
+    make: &dyn Fn(&Path) -> Result<Target>,
+    path: &Path,
+    c: &Config,
+    keep: bool,
+) -> Result<[Fig; 6]> {
     // Order matters: the first sequential write pass is what allocates (cold);
     // everything after runs on the pre-allocated disk.
-    let cold_w = seq(t, c.size, true)?;
-    let seq_w = seq(t, c.size, true)?;
-    let seq_r = seq(t, c.size, false)?;
-    let rnd_w = random(t, c.size, c.rand_ops, true, 7)?;
-    let rnd_r = random(t, c.size, c.rand_ops, false, 11)?;
-    Ok(Row {
-        name: name.into(),
-        cold_w: Some(cold_w),
-        seq_w: Some(seq_w),
-        seq_r: Some(seq_r),
-        rnd_w: Some(rnd_w),
-        rnd_r: Some(rnd_r),
-    })
+    let t = make(path)?;
+    let cold_w = seq(&t, c.size, true)?;
+    let seq_w = seq(&t, c.size, true)?;
+    let seq_r = seq(&t, c.size, false)?;
+    let rnd_w = random(&t, c.size, c.rand_ops, true, 7)?;
+    let rnd_r = random(&t, c.size, c.rand_ops, false, 11)?;
+    drop(t);
+    let mut cold_path = path.as_os_str().to_owned();
+    cold_path.push(".cold");
+    let cold_path = PathBuf::from(cold_path);
+    let t = make(&cold_path)?;
+    let cold_rnd_w = random(&t, c.size, c.rand_ops, true, 13)?;
+    drop(t);
+    let _ = std::fs::remove_file(&cold_path);
+    if !keep {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok([cold_w, seq_w, seq_r, rnd_w, rnd_r, cold_rnd_w])
 }
 
 fn qemu_bench(
@@ -321,54 +392,84 @@ fn print_table(rows: &[Vec<String>]) {
 fn io_section(c: &Config, dir: &Path) -> Result<()> {
     let mib = c.size / MIB;
     println!(
-        "\n## Sequential 1 MiB and random 4 KiB I/O on a {} MiB disk ({} random ops, queue depth 1, page cache)\n",
-        mib, c.rand_ops
+        "\n## Sequential 1 MiB and random 4 KiB I/O on a {} MiB disk ({} random ops, queue depth 1, page cache, median of {} rounds, {} time)\n",
+        mib,
+        c.rand_ops,
+        c.rounds,
+        if c.wall { "wall-clock" } else { "thread CPU" }
     );
 
-    let raw_path = dir.join("raw.img");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&raw_path)?;
-    f.set_len(c.size)?;
-    let raw = full_row(
-        "raw file (pread/pwrite; cold = sparse file)",
-        &Target::Raw(f),
-        c,
-    )?;
-
+    let make_raw = |p: &Path| -> Result<Target> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)?;
+        f.set_len(c.size)?;
+        Ok(Target::Raw(f))
+    };
+    let make_vhdx = |p: &Path| engine_create(p, DiskFormat::Vhdx, c.size);
+    let make_vhd = |p: &Path| engine_create(p, DiskFormat::Vhd, c.size);
+    let targets: [(&str, &str, &dyn Fn(&Path) -> Result<Target>); 3] = [
+        (
+            "raw file (pread/pwrite; cold = fresh sparse file)",
+            "raw.img",
+            &make_raw,
+        ),
+        ("ours: dynamic VHDX", "prealloc.vhdx", &make_vhdx),
+        ("ours: dynamic VHD", "prealloc.vhd", &make_vhd),
+    ];
+    // figs[target][column] = one Fig per round.
+    let mut figs: Vec<Vec<Vec<Fig>>> = vec![vec![Vec::new(); 6]; targets.len()];
+    for round in 0..c.rounds {
+        // Take turns: each round starts with a different target.
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let (_, file, make) = targets[i];
+            let path = dir.join(file);
+            // The last VHDX is kept for the QEMU rows.
+            let keep = round + 1 == c.rounds && file == "prealloc.vhdx";
+            let row = full_row(make, &path, c, keep)?;
+            for (col, f) in row.into_iter().enumerate() {
+                figs[i][col].push(f);
+            }
+        }
+    }
+    let rows: Vec<Row> = targets
+        .iter()
+        .zip(figs)
+        .map(|((name, _, _), cols)| {
+            let mut m = cols.into_iter().map(median);
+            let mut next = || m.next().flatten();
+            Row {
+                name: name.to_string(),
+                cold_w: next(),
+                seq_w: next(),
+                seq_r: next(),
+                rnd_w: next(),
+                rnd_r: next(),
+                cold_rnd_w: next(),
+            }
+        })
+        .collect();
     let vhdx_path = dir.join("prealloc.vhdx");
-    let t = engine_create(&vhdx_path, DiskFormat::Vhdx, c.size)?;
-    let vx = full_row("ours: dynamic VHDX", &t, c)?;
-    drop(t);
-    let cold_path = dir.join("cold.vhdx");
-    let t = engine_create(&cold_path, DiskFormat::Vhdx, c.size)?;
-    let cold_rw = random(&t, c.size, c.rand_ops, true, 13)?;
-    drop(t);
-    let _ = std::fs::remove_file(&cold_path);
-
-    let vhd_path = dir.join("prealloc.vhd");
-    let t = engine_create(&vhd_path, DiskFormat::Vhd, c.size)?;
-    let vh = full_row("ours: dynamic VHD", &t, c)?;
-    drop(t);
-    let _ = std::fs::remove_file(&vhd_path);
 
     let mut qemu_rows = Vec::new();
     if c.qemu {
         // Same pre-allocated file, QEMU's vhdx driver. qemu-img bench has no random
         // mode: "random" 4 KiB uses a large stride (-S) instead, so treat its 4 KiB
-        // figures as per-request cost, not as a like-for-like random pattern.
+        // figures as per-request cost, not as a like-for-like random pattern. Its
+        // own timer is wall-clock (one run each).
         let stride = 4096 * 7919;
         let n = c.size / MIB;
         let p = &vhdx_path;
         qemu_rows.push(Row {
-            name: "qemu-img bench -f vhdx -t writeback -d 1 (same file)".into(),
-            cold_w: None,
+            name: "qemu-img bench -f vhdx -t writeback -d 1 (same file; wall clock, 1 run)".into(),
             seq_w: Some(qemu_bench(p, n, "1M", None, true, MIB)?),
             seq_r: Some(qemu_bench(p, n, "1M", None, false, MIB)?),
             rnd_w: Some(qemu_bench(p, c.rand_ops, "4k", Some(stride), true, 4096)?),
             rnd_r: Some(qemu_bench(p, c.rand_ops, "4k", Some(stride), false, 4096)?),
+            ..Default::default()
         });
     }
 
@@ -379,13 +480,17 @@ fn io_section(c: &Config, dir: &Path) -> Result<()> {
         "seq read MiB/s".into(),
         "rand write 4K IOPS".into(),
         "rand read 4K IOPS".into(),
+        "cold rand W 4K IOPS".into(),
         "cold W vs raw".into(),
         "seq W vs raw".into(),
         "seq R vs raw".into(),
         "rand W vs raw".into(),
         "rand R vs raw".into(),
+        "cold rand W vs raw".into(),
     ]];
-    let mut push = |r: &Row| {
+    let raw = &rows[0];
+    let mut push = |r: &Row, comparable: bool| {
+        let ratio = |a, b| if comparable { ratio(a, b) } else { "-".into() };
         table.push(vec![
             r.name.clone(),
             fmt_mibs(r.cold_w),
@@ -393,29 +498,23 @@ fn io_section(c: &Config, dir: &Path) -> Result<()> {
             fmt_mibs(r.seq_r),
             fmt_iops(r.rnd_w),
             fmt_iops(r.rnd_r),
+            fmt_iops(r.cold_rnd_w),
             ratio(r.cold_w, raw.cold_w),
             ratio(r.seq_w, raw.seq_w),
             ratio(r.seq_r, raw.seq_r),
             ratio(r.rnd_w, raw.rnd_w),
             ratio(r.rnd_r, raw.rnd_r),
+            ratio(r.cold_rnd_w, raw.cold_rnd_w),
         ])
     };
-    push(&raw);
-    push(&vx);
-    push(&Row {
-        name: "ours: dynamic VHDX, random writes on a fresh (cold) disk".into(),
-        cold_w: None,
-        seq_w: None,
-        seq_r: None,
-        rnd_w: Some(cold_rw),
-        rnd_r: None,
-    });
-    push(&vh);
+    for r in &rows {
+        push(r, true);
+    }
+    // QEMU's figures are wall-clock: comparable with ours only under --clock wall.
     for r in &qemu_rows {
-        push(r);
+        push(r, c.wall);
     }
     print_table(&table);
-    let _ = std::fs::remove_file(&raw_path);
     let _ = std::fs::remove_file(&vhdx_path);
     Ok(())
 }
@@ -461,9 +560,11 @@ fn build_chain(dir: &Path, depth: usize, size: u64, spread: bool) -> Result<Path
 
 fn chain_section(c: &Config, dir: &Path) -> Result<()> {
     println!(
-        "\n## Read throughput through differencing VHDX chains ({} MiB disk, 2 MiB child blocks, {} random ops)\n",
+        "\n## Read throughput through differencing VHDX chains ({} MiB disk, 2 MiB child blocks, {} random ops, median of {} rounds, {} time)\n",
         c.chain_size / MIB,
-        c.rand_ops
+        c.rand_ops,
+        c.rounds,
+        if c.wall { "wall-clock" } else { "thread CPU" }
     );
     let mut table = vec![vec![
         "data layout".to_string(),
@@ -474,15 +575,32 @@ fn chain_section(c: &Config, dir: &Path) -> Result<()> {
         "rand vs depth 1".into(),
     ]];
     for spread in [true, false] {
-        let mut first: Option<(Fig, Fig)> = None;
+        // Build every depth first, then let the depths take turns in each round.
+        let mut chains = Vec::new();
         for &depth in &c.depths {
             let sub = dir.join(format!("chain-{depth}-{spread}"));
             std::fs::create_dir_all(&sub)?;
             let top = build_chain(&sub, depth, c.chain_size, spread)?;
-            let t = engine_open(&top)?;
-            let s = seq(&t, c.chain_size, false)?;
-            let r = random(&t, c.chain_size, c.rand_ops, false, 17)?;
+            chains.push((depth, sub, engine_open(&top)?));
+        }
+        let mut figs: Vec<(Vec<Fig>, Vec<Fig>)> = vec![(Vec::new(), Vec::new()); chains.len()];
+        for round in 0..c.rounds {
+            for k in 0..chains.len() {
+                let i = (round + k) % chains.len();
+                let t = &chains[i].2;
+                figs[i].0.push(seq(t, c.chain_size, false)?);
+                figs[i]
+                    .1
+                    .push(random(t, c.chain_size, c.rand_ops, false, 17)?);
+            }
+        }
+        let mut first: Option<(Fig, Fig)> = None;
+        for ((depth, sub, t), (s, r)) in chains.into_iter().zip(figs) {
             drop(t);
+            std::fs::remove_dir_all(&sub)?;
+            let (Some(s), Some(r)) = (median(s), median(r)) else {
+                continue;
+            };
             let (s1, r1) = *first.get_or_insert((s, r));
             table.push(vec![
                 if spread {
@@ -497,7 +615,6 @@ fn chain_section(c: &Config, dir: &Path) -> Result<()> {
                 format!("{:.2}", s.mibs() / s1.mibs()),
                 format!("{:.2}", r.iops() / r1.iops()),
             ]);
-            std::fs::remove_dir_all(&sub)?;
         }
     }
     print_table(&table);
@@ -506,6 +623,7 @@ fn chain_section(c: &Config, dir: &Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let c = parse_args()?;
+    WALL.store(c.wall, std::sync::atomic::Ordering::Relaxed);
     let dir = c.dir.join(format!("fv-disk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     struct Cleanup(PathBuf);

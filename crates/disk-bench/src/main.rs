@@ -410,7 +410,8 @@ fn io_section(c: &Config, dir: &Path) -> Result<()> {
     };
     let make_vhdx = |p: &Path| engine_create(p, DiskFormat::Vhdx, c.size);
     let make_vhd = |p: &Path| engine_create(p, DiskFormat::Vhd, c.size);
-    let targets: [(&str, &str, &dyn Fn(&Path) -> Result<Target>); 3] = [
+    type Make<'a> = &'a dyn Fn(&Path) -> Result<Target>;
+    let targets: [(&str, &str, Make); 3] = [
         (
             "raw file (pread/pwrite; cold = fresh sparse file)",
             "raw.img",

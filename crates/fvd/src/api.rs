@@ -773,7 +773,7 @@ pub fn openapi_document() -> serde_json::Value {
         let entry = paths.entry(o.path.to_string()).or_insert_with(|| json!({}));
         entry[o.method] = op;
     }
-    json!({
+    canonical(json!({
         "openapi": "3.0.3",
         "info": {
             "title": "Ferrovisor fvd API",
@@ -782,5 +782,20 @@ pub fn openapi_document() -> serde_json::Value {
         },
         "paths": paths,
         "components": {"schemas": components},
-    })
+    }))
+}
+
+/// Keys in sorted order whatever map type serde_json was built with, so the
+/// committed document compares byte for byte.
+fn canonical(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut items: Vec<(String, Value)> = m.into_iter().collect();
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(items.into_iter().map(|(k, v)| (k, canonical(v))).collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(canonical).collect()),
+        other => other,
+    }
 }

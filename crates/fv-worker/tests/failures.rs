@@ -150,10 +150,15 @@ fn qemu_runs_as_unprivileged_user() {
     w.qemu_pid = c.status()["qemu_pid"].as_i64().unwrap() as i32;
     let st = std::fs::read_to_string(format!("/proc/{}/status", w.qemu_pid)).unwrap();
     let uid_line = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
     let console = Console::connect(&vm.sock("com1.sock"));
     console.wait_for("FERROVISOR-GUEST-READY", BOOT_TIMEOUT);
-    assert!(c.call(json!({"op": "guest_ping"}), Duration::from_secs(60)).is_ok());
+    assert!(c
+        .call(json!({"op": "guest_ping"}), Duration::from_secs(60))
+        .is_ok());
     c.ok(json!({"op": "turn_off"}));
     c.wait_state(VmState::Off, Duration::from_secs(60));
     assert!(w.wait_exit(Duration::from_secs(60)));

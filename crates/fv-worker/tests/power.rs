@@ -115,3 +115,48 @@ fn gen2_boots_with_ovmf() {
     c.wait_state(VmState::Off, Duration::from_secs(60));
     assert!(w.wait_exit(Duration::from_secs(60)));
 }
+
+#[test]
+fn dvd_media_change() {
+    let mut vm = gen1_vm("dvd");
+    vm.config.dvd_drives.push(fv_model::DvdDrive {
+        slot: fv_model::Slot {
+            controller: ControllerKind::Ide,
+            controller_number: 1,
+            location: 0,
+        },
+        path: None,
+    });
+    let iso = vm.vm_dir.path().join("media.iso");
+    let mut data = vec![0u8; 1 << 20];
+    data[..12].copy_from_slice(b"FV-MEDIA-OK\n");
+    std::fs::write(&iso, &data).unwrap();
+    let (mut w, mut c, mut console) = boot(&vm);
+    let e = c
+        .call(
+            json!({"op": "change_media", "dvd_index": 3, "path": iso}),
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+    assert_eq!(e["code"], "bad_request");
+    let e = c
+        .call(
+            json!({"op": "change_media", "dvd_index": 0, "path": "/nonexistent.iso"}),
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+    assert_eq!(e["code"], "bad_request");
+    c.ok(json!({"op": "change_media", "dvd_index": 0, "path": "media.iso"}));
+    // The first read after a medium change reports the change (unit attention, EIO),
+    // as a real drive does; read again.
+    let read = "rm -f /tmp/s; dd if=/dev/sr0 of=/tmp/s bs=2048 count=1 2>/dev/null || \
+                dd if=/dev/sr0 of=/tmp/s bs=2048 count=1 2>/dev/null; head -c 11 /tmp/s || echo no-medium";
+    let got = console.run("r", read, Duration::from_secs(120));
+    assert_eq!(got, "FV-MEDIA-OK", "console:\n{}", console.text());
+    c.ok(json!({"op": "change_media", "dvd_index": 0, "path": null}));
+    let got = console.run("r2", read, Duration::from_secs(120));
+    assert!(got.contains("no-medium"), "{got}");
+    c.ok(json!({"op": "turn_off"}));
+    c.wait_state(VmState::Off, Duration::from_secs(60));
+    assert!(w.wait_exit(Duration::from_secs(60)));
+}

@@ -22,6 +22,12 @@ enum TemplateCmd {
         #[arg(long, value_enum, default_value = "cloud")]
         kernel: Kernel,
     },
+    /// Remove cached templates other than the current ones (both kernel flavours).
+    Prune {
+        /// Cache directory (default: $FV_TEMPLATE_DIR, else <workspace>/target/templates).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -32,6 +38,33 @@ enum Kernel {
 
 pub fn run(a: TemplateArgs, out: OutputFormat) -> anyhow::Result<()> {
     match a.cmd {
+        TemplateCmd::Prune { out: dir } => {
+            let dir = dir.unwrap_or_else(fv_guest_template::default_cache_dir);
+            // "Current" = what ensure resolves now; building them first keeps
+            // prune from leaving the cache empty.
+            let mut keep = Vec::new();
+            for kernel in [
+                fv_guest_template::KernelFlavour::Cloud,
+                fv_guest_template::KernelFlavour::Generic,
+            ] {
+                let opts = fv_guest_template::Options { kernel };
+                keep.push(fv_guest_template::ensure_with(&dir, &opts)?.cache_key);
+            }
+            let keep_refs: Vec<&str> = keep.iter().map(String::as_str).collect();
+            let removed = fv_guest_template::prune(&dir, &keep_refs)?;
+            let value = serde_json::json!({ "kept": keep, "removed": removed });
+            emit(out, &value, || {
+                let mut rows = vec![vec!["ENTRY".into(), "ACTION".into()]];
+                rows.extend(keep.iter().map(|k| vec![k.clone(), "kept".into()]));
+                rows.extend(
+                    removed
+                        .iter()
+                        .map(|p| vec![p.display().to_string(), "removed".into()]),
+                );
+                rows
+            });
+            Ok(())
+        }
         TemplateCmd::Build { out: dir, kernel } => {
             let dir = dir.unwrap_or_else(fv_guest_template::default_cache_dir);
             let started = Instant::now();

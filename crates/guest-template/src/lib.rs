@@ -443,3 +443,70 @@ pub fn manifest(t: &Template) -> Result<Manifest, TemplateError> {
     let b = fs::read(&p).map_err(|e| io_err(&p, e))?;
     serde_json::from_slice(&b).map_err(|e| TemplateError::Build(format!("{}: {e}", p.display())))
 }
+
+/// Removes cache entries other than `keep` (keys of templates still wanted,
+/// e.g. from [`ensure`]) along with leftover build directories. Returns the
+/// removed directories. Entries are only ever superseded when package versions
+/// or the recipe change, so this is an explicit maintenance step, never
+/// automatic: a running test may still hold an older entry's paths.
+pub fn prune(cache_dir: &Path, keep: &[&str]) -> Result<Vec<PathBuf>, TemplateError> {
+    let lock_path = cache_dir.join(".lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io_err(&lock_path, e))?;
+    lock.lock().map_err(|e| io_err(&lock_path, e))?;
+    let mut removed = Vec::new();
+    for e in fs::read_dir(cache_dir)
+        .map_err(|e| io_err(cache_dir, e))?
+        .flatten()
+    {
+        let p = e.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        let stale_build = name.starts_with(".build-");
+        let old_entry = !name.starts_with('.') && p.is_dir() && !keep.contains(&name.as_str());
+        if stale_build || old_entry {
+            fs::remove_dir_all(&p).map_err(|e| io_err(&p, e))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_named_entries_and_drops_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        for n in ["keepme", "old1", ".build-x-1", ".resolved-a.json"] {
+            if n.ends_with(".json") {
+                fs::write(d.path().join(n), b"{}").unwrap();
+            } else {
+                fs::create_dir(d.path().join(n)).unwrap();
+            }
+        }
+        let removed = prune(d.path(), &["keepme"]).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(d.path().join("keepme").is_dir());
+        assert!(!d.path().join("old1").exists());
+        assert!(!d.path().join(".build-x-1").exists());
+        assert!(d.path().join(".resolved-a.json").exists());
+    }
+
+    #[test]
+    fn cache_key_depends_on_versions() {
+        let mut a = BTreeMap::new();
+        a.insert("busybox-static".to_string(), "1".to_string());
+        let k1 = cache_key(&a);
+        assert_eq!(k1.len(), 16);
+        assert_eq!(k1, cache_key(&a));
+        a.insert("busybox-static".to_string(), "2".to_string());
+        assert_ne!(k1, cache_key(&a));
+    }
+}

@@ -120,6 +120,8 @@ struct CheckArgs {
     /// Fix what can be fixed safely.
     #[arg(long)]
     repair: bool,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 #[derive(Args)]
@@ -177,6 +179,8 @@ struct SetParentArgs {
     /// Accept a parent whose identity differs (same format and size still required).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 pub fn run(a: VhdArgs, out: OutputFormat) -> anyhow::Result<()> {
@@ -413,7 +417,12 @@ struct CheckOut<'a> {
 }
 
 fn check(a: CheckArgs, out: OutputFormat) -> anyhow::Result<()> {
-    let rep = match ops::check(&a.path, a.repair) {
+    let opts = OpenOptions {
+        read_only: true,
+        replay_log: true,
+        policy: a.chain.policy(),
+    };
+    let rep = match ops::check_with(&a.path, a.repair, &opts) {
         Ok(r) => r,
         // An image too damaged to open is a check result, not a tool failure.
         Err(
@@ -589,13 +598,13 @@ fn merge(a: MergeArgs, out: OutputFormat) -> anyhow::Result<()> {
             },
         );
     } else {
-        if !a.chain.allow_dir.is_empty() {
-            return Err(anyhow!(Usage(
-                "--allow-dir is not supported with --into-parent (the parent must be beside the child)".into()
-            )));
-        }
+        let opts = OpenOptions {
+            read_only: true,
+            replay_log: true,
+            policy: a.chain.policy(),
+        };
         let parent = with_progress(out, "merging", |p| {
-            ops::merge_into_parent(&a.child, a.force, p)
+            ops::merge_into_parent_with(&a.child, a.force, &opts, p)
         })?;
         let msg = format!(
             "merged {} into {} (child removed)",
@@ -617,7 +626,12 @@ fn merge(a: MergeArgs, out: OutputFormat) -> anyhow::Result<()> {
 }
 
 fn set_parent(a: SetParentArgs, out: OutputFormat) -> anyhow::Result<()> {
-    ops::set_parent(&a.child, &a.new_parent, a.force).map_err(disk_err)?;
+    let opts = OpenOptions {
+        read_only: true,
+        replay_log: true,
+        policy: a.chain.policy(),
+    };
+    ops::set_parent_with(&a.child, &a.new_parent, a.force, &opts).map_err(disk_err)?;
     let msg = format!(
         "{} now points at {}",
         a.child.display(),

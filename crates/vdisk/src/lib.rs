@@ -266,8 +266,8 @@ pub struct Disk {
 /// Owner cache for the layers below the top. Ancestors are opened read-only and
 /// nothing changes them while the chain is open (their handles never re-read their
 /// metadata either), so "which ancestor holds unit N" is computed once per unit and
-/// a read that falls through the top goes straight to that layer instead of asking
-/// every empty layer in between (a depth-32 chain otherwise costs 31 metadata
+/// a read that falls through the top goes straight to the first layer with data
+/// there instead of asking every empty layer in between (a depth-32 chain otherwise costs 31 metadata
 /// lookups per read). Only the top layer is writable, and it is always consulted
 /// first, so its writes and discards need no invalidation here.
 struct OwnerMap {
@@ -275,17 +275,17 @@ struct OwnerMap {
     /// unit is normally wholly inside one block of every ancestor.
     shift: u32,
     /// Lazily filled pages of [`OWNERS_PER_PAGE`] entries: 0 = not computed yet,
-    /// [`OWNER_MIXED`] = the unit is split between layers (use the layer-by-layer
-    /// walk), otherwise the level of the owning layer (== number of layers when no
-    /// ancestor holds it: zeros).
+    /// otherwise the level of the first ancestor holding anything in the unit
+    /// (== number of layers when none does: zeros); [`OWNER_WALK`] = unknown
+    /// (walk from the first ancestor).
     pages: Vec<OnceLock<Box<[AtomicU8]>>>,
 }
 
 const OWNERS_PER_PAGE: u64 = 4096;
 const OWNER_UNKNOWN: u8 = 0;
-const OWNER_MIXED: u8 = u8::MAX;
+const OWNER_WALK: u8 = u8::MAX;
 // Levels are stored in a u8 next to the two markers above.
-const _: () = assert!(MAX_CHAIN_DEPTH < OWNER_MIXED as usize);
+const _: () = assert!(MAX_CHAIN_DEPTH < OWNER_WALK as usize);
 
 impl OwnerMap {
     fn new(layers: &[LayerFile], size: u64) -> OwnerMap {
@@ -465,8 +465,7 @@ impl Disk {
             }
             let run_end = run_end.min(end);
             let part = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            // A mixed unit is walked layer by layer from the first ancestor.
-            let level = if owner == OWNER_MIXED {
+            let level = if owner == OWNER_WALK {
                 1
             } else {
                 usize::from(owner)
@@ -477,10 +476,10 @@ impl Disk {
         Ok(())
     }
 
-    /// The level of the ancestor holding all of `unit`, computed on first use.
+    /// The level of the first ancestor holding data in `unit`, computed on first use.
     fn owner(&self, unit: u64) -> Result<u8> {
         let Some(slot) = self.owners.slot(unit) else {
-            return Ok(OWNER_MIXED);
+            return Ok(OWNER_WALK);
         };
         let cached = slot.load(Ordering::Relaxed);
         if cached != OWNER_UNKNOWN {
@@ -488,23 +487,18 @@ impl Disk {
         }
         let start = unit << self.owners.shift;
         let len = (1u64 << self.owners.shift).min(self.size.saturating_sub(start));
-        let mut owner = u8::try_from(self.layers.len()).unwrap_or(OWNER_MIXED);
+        // The first ancestor holding anything in the unit. Reading from it is exact:
+        // everything above it is absent here, and whatever it lacks falls through
+        // to the layers below it as usual.
+        let mut owner = self.layers.len();
         for (level, l) in self.layers.iter().enumerate().skip(1) {
             let ext = l.layer().extents(start, len)?;
-            let absent = ext
-                .iter()
-                .filter(|e| e.state == ExtentState::Absent)
-                .count();
-            if absent == ext.len() {
-                continue;
+            if ext.iter().any(|e| e.state != ExtentState::Absent) {
+                owner = level;
+                break;
             }
-            owner = if absent == 0 {
-                u8::try_from(level).unwrap_or(OWNER_MIXED)
-            } else {
-                OWNER_MIXED
-            };
-            break;
         }
+        let owner = u8::try_from(owner).unwrap_or(OWNER_WALK);
         // Racing threads compute the same answer; either store is fine.
         slot.store(owner, Ordering::Relaxed);
         Ok(owner)

@@ -251,16 +251,39 @@ pub fn inspect_with(path: &Path, policy: &PathPolicy) -> Result<InspectReport> {
 
 /// Structural check of one image, plus whether its chain opens.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    check_with(path, repair, &ro())
+}
+
+/// [`check`] with the caller's options: `opts.policy` says where the chain's parents
+/// may be found and `opts.replay_log` whether a dirty log is replayed (in memory)
+/// for the read-only opens. `repair` alone decides whether the image is opened
+/// writable.
+pub fn check_with(path: &Path, repair: bool, opts: &OpenOptions) -> Result<CheckReport> {
+    let ro = OpenOptions {
+        read_only: true,
+        ..opts.clone()
+    };
     let mut chain_problem = None;
-    if let Ok(l) = open_layer(path, None, &ro()) {
+    if let Ok(l) = open_layer(path, None, &ro) {
         if l.layer().parent_locator().is_some() {
             drop(l);
-            if let Err(e) = crate::open(path, &ro()) {
+            if let Err(e) = crate::open(path, &ro) {
                 chain_problem = Some(e.to_string());
             }
         }
     }
-    let l = open_layer(path, None, &if repair { rw() } else { ro() })?;
+    let l = open_layer(
+        path,
+        None,
+        &if repair {
+            OpenOptions {
+                read_only: false,
+                ..opts.clone()
+            }
+        } else {
+            ro
+        },
+    )?;
     let mut r = match l.image() {
         Some(i) => i.check(repair)?,
         None => CheckReport::default(),
@@ -616,7 +639,23 @@ fn resize_raw(path: &Path, new_size: u64) -> Result<()> {
 /// Hyper-V does). Other children of the parent become invalid (the parent's identity
 /// changes), so this is refused when siblings exist unless `force`.
 pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> Result<PathBuf> {
-    let c = open_layer(child, None, &ro())?;
+    merge_into_parent_with(child, force, &ro(), progress)
+}
+
+/// [`merge_into_parent`] with the caller's options: the parent is looked for under
+/// `opts.policy` (e.g. extra allowed directories), and `opts.replay_log` applies to
+/// the read-only opens of the child and the parent check.
+pub fn merge_into_parent_with(
+    child: &Path,
+    force: bool,
+    opts: &OpenOptions,
+    progress: Progress<'_>,
+) -> Result<PathBuf> {
+    let ro = OpenOptions {
+        read_only: true,
+        ..opts.clone()
+    };
+    let c = open_layer(child, None, &ro)?;
     let Some(loc) = c.layer().parent_locator().cloned() else {
         return Err(DiskError::Refused {
             path: child.to_path_buf(),
@@ -624,9 +663,9 @@ pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> R
         });
     };
     let cdir = dir_of(child);
-    let ppath = resolve_parent(child, &loc, &PathPolicy::image_dir_only(), &cdir)?;
+    let ppath = resolve_parent(child, &loc, &opts.policy, &cdir)?;
     {
-        let p = open_layer(&ppath, None, &ro())?;
+        let p = open_layer(&ppath, None, &ro)?;
         verify_link(&c, &p).map_err(|reason| DiskError::BrokenChain {
             child: child.to_path_buf(),
             parent: ppath.display().to_string(),
@@ -653,7 +692,14 @@ pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> R
             ),
         });
     }
-    let parent = open_layer(&ppath, None, &rw())?;
+    let parent = open_layer(
+        &ppath,
+        None,
+        &OpenOptions {
+            read_only: false,
+            ..opts.clone()
+        },
+    )?;
     let size = c.layer().info().virtual_size;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut absent = Vec::new();
@@ -689,14 +735,40 @@ pub fn merge_into_parent(child: &Path, force: bool, progress: Progress<'_>) -> R
 /// absolute locator. The new parent must be the one the child was made from (same
 /// identity and size) unless `force`, which also records the new parent's identity.
 pub fn set_parent(child: &Path, new_parent: &Path, force: bool) -> Result<()> {
-    let c = open_layer(child, None, &rw())?;
+    set_parent_with(child, new_parent, force, &ro())
+}
+
+/// [`set_parent`] with the caller's options (`opts.replay_log` for the read-only
+/// open of the new parent). The policy is not consulted for `new_parent`: the
+/// caller names it, it is not read from an image file.
+pub fn set_parent_with(
+    child: &Path,
+    new_parent: &Path,
+    force: bool,
+    opts: &OpenOptions,
+) -> Result<()> {
+    let c = open_layer(
+        child,
+        None,
+        &OpenOptions {
+            read_only: false,
+            ..opts.clone()
+        },
+    )?;
     if c.layer().parent_locator().is_none() {
         return Err(DiskError::Refused {
             path: child.to_path_buf(),
             reason: "not a differencing disk".into(),
         });
     }
-    let p = open_layer(new_parent, None, &ro())?;
+    let p = open_layer(
+        new_parent,
+        None,
+        &OpenOptions {
+            read_only: true,
+            ..opts.clone()
+        },
+    )?;
     if let Err(reason) = verify_link(&c, &p) {
         let fatal = c.layer().info().format != p.layer().info().format
             || c.layer().info().virtual_size != p.layer().info().virtual_size;

@@ -312,6 +312,91 @@ fn merge_into_parent_and_sibling_refusal_and_merge_to_new() {
     }
 }
 
+/// The `_with` variants honour an extra allowed directory (the CLI's --allow-dir):
+/// a parent outside the child's directory is refused by default and used when its
+/// directory is allowed.
+#[test]
+fn check_set_parent_and_merge_into_parent_with_allowed_dirs() {
+    for fmt in [DiskFormat::Vhd, DiskFormat::Vhdx] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        for d in [&a, &b, &c] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let ext = if fmt == DiskFormat::Vhd {
+            "vhd"
+        } else {
+            "vhdx"
+        };
+        let base = a.join(format!("base.{ext}"));
+        ops::create(&base, fmt, &spec(8 << 20, DiskKind::Dynamic)).unwrap();
+        let mut reference = vec![0u8; 8 << 20];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        scribble(
+            &mut rng,
+            &fv_vdisk::open(&base, &rw()).unwrap(),
+            &mut reference,
+            8,
+            4096,
+        );
+        let child = b.join(format!("child.{ext}"));
+        ops::create_differencing(&child, &base, 0).unwrap();
+        let allow = |d: &Path| fv_vdisk::OpenOptions {
+            read_only: true,
+            replay_log: true,
+            policy: fv_vdisk::PathPolicy::image_dir_only().allow(d),
+        };
+        {
+            let mut o = allow(&a);
+            o.read_only = false;
+            scribble(
+                &mut rng,
+                &fv_vdisk::open(&child, &o).unwrap(),
+                &mut reference,
+                8,
+                4096,
+            );
+        }
+        // check: the chain only opens with a's directory allowed.
+        assert!(!ops::check(&child, false).unwrap().is_clean());
+        assert!(ops::check_with(&child, false, &allow(&a))
+            .unwrap()
+            .is_clean());
+        // set_parent after moving the base to c; check finds it only with c allowed.
+        let moved = c.join(format!("base.{ext}"));
+        std::fs::rename(&base, &moved).unwrap();
+        ops::set_parent_with(&child, &moved, false, &allow(&c)).unwrap();
+        assert!(!ops::check_with(&child, false, &allow(&a))
+            .unwrap()
+            .is_clean());
+        assert!(ops::check_with(&child, false, &allow(&c))
+            .unwrap()
+            .is_clean());
+        // merge into the parent: refused without the directory, done with it.
+        assert!(matches!(
+            ops::merge_into_parent(&child, false, &mut no_progress()),
+            Err(DiskError::ParentNotAllowed { .. })
+        ));
+        assert!(child.exists());
+        let parent =
+            ops::merge_into_parent_with(&child, false, &allow(&c), &mut no_progress()).unwrap();
+        assert_eq!(parent, moved.canonicalize().unwrap());
+        assert!(!child.exists());
+        assert_eq!(
+            read_all(&fv_vdisk::open(&moved, &ro()).unwrap()),
+            reference,
+            "{fmt:?}"
+        );
+        if fmt == DiskFormat::Vhdx {
+            run("qemu-img", &["check", "-f", "vhdx", s(&moved)]);
+        }
+    }
+}
+
 #[test]
 fn set_parent_after_moving_files_and_inspect() {
     for fmt in [DiskFormat::Vhd, DiskFormat::Vhdx] {

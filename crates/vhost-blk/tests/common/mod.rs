@@ -272,3 +272,103 @@ pub fn vhost_blk_args(id: &str, socket: &Path, queues: u16, bootindex: Option<u3
 pub fn socket_in(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
+
+/// Minimal client of QEMU's gdbstub (GDB remote serial protocol over a Unix socket).
+///
+/// Why a test needs it: under TCG, QEMU keeps translated guest code until a write it
+/// sees (a CPU store or QEMU's own DMA) invalidates it. A vhost-user backend writes guest
+/// RAM directly, so code it loads over code that already ran is not re-translated
+/// (QEMU's hw/virtio/vhost.c says so in vhost_section()). BIOS chain loading hits exactly
+/// that: the MBR runs at 0x7c00, then loads the partition boot record to 0x7c00 through
+/// the backend, and TCG would re-run the stale MBR translation. Inserting and removing a
+/// breakpoint makes QEMU drop the translation at that address. KVM needs none of this.
+pub struct GdbStub {
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl GdbStub {
+    pub fn connect(path: &Path, timeout: Duration) -> GdbStub {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sock = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "gdbstub connect: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        sock.set_read_timeout(Some(timeout)).unwrap();
+        GdbStub { sock }
+    }
+
+    /// Send one packet and return the reply packet's payload (for `c`: the stop reply).
+    pub fn cmd(&mut self, payload: &str) -> String {
+        use std::io::Write;
+        let sum = payload.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        write!(self.sock, "${payload}#{sum:02x}").expect("gdbstub write");
+        let reply = self.read_packet();
+        self.sock.write_all(b"+").expect("gdbstub ack");
+        reply
+    }
+
+    fn byte(&mut self) -> u8 {
+        let mut b = [0u8; 1];
+        self.sock
+            .read_exact(&mut b)
+            .expect("gdbstub read (QEMU gone or timed out)");
+        b[0]
+    }
+
+    fn read_packet(&mut self) -> String {
+        // Skip acks ('+') up to the start of the reply.
+        while self.byte() != b'$' {}
+        let mut payload = Vec::new();
+        loop {
+            match self.byte() {
+                b'#' => break,
+                b => payload.push(b),
+            }
+        }
+        self.byte();
+        self.byte(); // checksum (the transport is reliable)
+        String::from_utf8_lossy(&payload).into_owned()
+    }
+
+    /// Run the guest until it has executed `addr` (a linear address) `hits` times,
+    /// making QEMU flush its translated code each time it gets there (removing a
+    /// breakpoint flushes it), then detach; the guest keeps running. Returns the
+    /// `peek` bytes at `addr` seen at each stop.
+    pub fn break_at(&mut self, addr: u64, hits: usize, peek: usize) -> Vec<Vec<u8>> {
+        let bp = format!("{addr:x},1");
+        let mut seen = Vec::new();
+        for hit in 1..=hits {
+            assert_eq!(self.cmd(&format!("Z0,{bp}")), "OK", "insert breakpoint");
+            self.expect_stop("c", hit, addr);
+            seen.push(self.read_mem(addr, peek));
+            assert_eq!(self.cmd(&format!("z0,{bp}")), "OK", "remove breakpoint");
+            if hit < hits {
+                // Step off the address, or `c` would stop there again at once.
+                self.expect_stop("s", hit, addr);
+            }
+        }
+        assert_eq!(self.cmd("D"), "OK", "detach");
+        seen
+    }
+
+    /// Read guest memory (hex reply decoded).
+    pub fn read_mem(&mut self, addr: u64, len: usize) -> Vec<u8> {
+        let hex = self.cmd(&format!("m{addr:x},{len:x}"));
+        (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex memory reply"))
+            .collect()
+    }
+
+    fn expect_stop(&mut self, cmd: &str, hit: usize, addr: u64) {
+        let stop = self.cmd(cmd);
+        assert!(
+            stop.starts_with('T') || stop.starts_with('S'),
+            "unexpected gdbstub reply {stop:?} to {cmd:?} (hit {hit} of {addr:#x})"
+        );
+    }
+}

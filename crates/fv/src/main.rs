@@ -13,10 +13,20 @@ pub enum OutputFormat {
 }
 
 #[derive(Parser)]
-#[command(name = "fv", version, about = "Ferrovisor: manage VMs, virtual disks and hosts")]
+#[command(
+    name = "fv",
+    version,
+    about = "Ferrovisor: manage VMs, virtual disks and hosts"
+)]
 pub struct Cli {
     /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
     pub output: OutputFormat,
     #[command(subcommand)]
     cmd: Top,

@@ -56,7 +56,13 @@ pub fn print_table(rows: &[Vec<String>]) {
         let line: Vec<String> = r
             .iter()
             .enumerate()
-            .map(|(i, c)| if i + 1 == r.len() { c.clone() } else { format!("{c:<width$}", width = w[i]) })
+            .map(|(i, c)| {
+                if i + 1 == r.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<width$}", width = w[i])
+                }
+            })
             .collect();
         println!("{}", line.join("  ").trim_end());
     }

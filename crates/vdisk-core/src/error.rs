@@ -65,7 +65,11 @@ impl DiskError {
             source,
         }
     }
-    pub fn corrupt(path: impl Into<PathBuf>, format: &'static str, reason: impl Into<String>) -> Self {
+    pub fn corrupt(
+        path: impl Into<PathBuf>,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
         DiskError::Corrupt {
             path: path.into(),
             format,

@@ -120,8 +120,7 @@ pub trait Layer: Send + Sync {
     /// layer does not hold is appended to `absent` (absolute byte offsets, in
     /// ascending order, sector aligned); the bytes of `buf` in those ranges are
     /// unspecified. Zero-state ranges are filled with zeros and are NOT absent.
-    fn read_layer(&self, offset: u64, buf: &mut [u8], absent: &mut Vec<Range<u64>>)
-        -> Result<()>;
+    fn read_layer(&self, offset: u64, buf: &mut [u8], absent: &mut Vec<Range<u64>>) -> Result<()>;
 
     /// Write `buf` at `offset` into this layer, allocating as needed. After this
     /// returns, reads of the range come from this layer.

@@ -12,12 +12,16 @@ pub struct PathPolicy {
 impl PathPolicy {
     /// Only the opened image's own directory.
     pub fn image_dir_only() -> Self {
-        PathPolicy { allowed: Vec::new(), allow_image_dir: true }
+        PathPolicy {
+            allowed: Vec::new(),
+            allow_image_dir: true,
+        }
     }
 
     pub fn allow(mut self, dir: impl AsRef<Path>) -> Self {
         let d = dir.as_ref();
-        self.allowed.push(d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
+        self.allowed
+            .push(d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
         self
     }
 
@@ -25,7 +29,9 @@ impl PathPolicy {
     /// directory of the top image?
     pub fn permits(&self, candidate: &Path, top_dir: &Path) -> bool {
         if self.allow_image_dir {
-            let top = top_dir.canonicalize().unwrap_or_else(|_| top_dir.to_path_buf());
+            let top = top_dir
+                .canonicalize()
+                .unwrap_or_else(|_| top_dir.to_path_buf());
             if candidate.starts_with(&top) {
                 return true;
             }

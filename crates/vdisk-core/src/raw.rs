@@ -51,14 +51,17 @@ impl RawLayer {
             .create_new(true)
             .open(path)
             .map_err(|e| DiskError::io("create", path, e))?;
-        file.set_len(size).map_err(|e| DiskError::io("truncate", path, e))?;
+        file.set_len(size)
+            .map_err(|e| DiskError::io("truncate", path, e))?;
         drop(file);
         Self::open(path, false)
     }
 
     fn writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(DiskError::ReadOnly { path: self.path.clone() });
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -105,11 +108,17 @@ impl Layer for RawLayer {
         self.write_zeroes(offset, len)
     }
     fn flush(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| DiskError::io("fsync", &self.path, e))
+        self.file
+            .sync_data()
+            .map_err(|e| DiskError::io("fsync", &self.path, e))
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(offset, len, self.info.virtual_size)?;
-        Ok(vec![Extent { offset, length: len, state: ExtentState::Data }])
+        Ok(vec![Extent {
+            offset,
+            length: len,
+            state: ExtentState::Data,
+        }])
     }
     fn read_only(&self) -> bool {
         self.read_only

@@ -12,7 +12,11 @@ pub fn parse_size(s: &str) -> Result<u64, DiskError> {
         Some('t') => (&stripped[..stripped.len() - 1], 1u64 << 40),
         _ => (stripped, 1u64),
     };
-    let bad = || DiskError::InvalidArgument(format!("size '{s}': expected a number with an optional K/M/G/T suffix"));
+    let bad = || {
+        DiskError::InvalidArgument(format!(
+            "size '{s}': expected a number with an optional K/M/G/T suffix"
+        ))
+    };
     if let Ok(n) = num.parse::<u64>() {
         return n.checked_mul(mult).ok_or_else(bad);
     }

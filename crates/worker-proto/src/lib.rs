@@ -36,7 +36,9 @@ pub struct Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// Current state and facts.
     Status,
     /// Receive events on this connection from now on.
@@ -49,12 +51,19 @@ pub enum Op {
     /// Graceful: guest agent when present, else ACPI. Answers once the request is sent;
     /// the state change arrives as an event. `timeout_s` bounds how long the worker
     /// waits before reporting `ShutdownTimedOut` (it never forces off by itself).
-    ShutDown { timeout_s: u64 },
+    ShutDown {
+        timeout_s: u64,
+    },
     /// Save device + memory state into `dir` (in the VM folder), then exit.
     /// Progress arrives as `SaveProgress` events; the response comes when done.
-    Save { dir: PathBuf },
+    Save {
+        dir: PathBuf,
+    },
     /// Insert (Some) or eject (None) the medium of a DVD drive, by drive index.
-    ChangeMedia { dvd_index: usize, path: Option<PathBuf> },
+    ChangeMedia {
+        dvd_index: usize,
+        path: Option<PathBuf>,
+    },
     /// Ping the guest agent.
     GuestPing,
     /// Memory and CPU statistics of the worker and QEMU.
@@ -90,7 +99,9 @@ pub enum ErrorCode {
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string));
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
         f.write_str(s.as_deref().unwrap_or("error"))
     }
 }
@@ -119,13 +130,23 @@ pub struct EventMessage {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
-    StateChanged { state: VmState, reason: Option<String> },
-    SaveProgress { percent: u8 },
+    StateChanged {
+        state: VmState,
+        reason: Option<String>,
+    },
+    SaveProgress {
+        percent: u8,
+    },
     ShutdownTimedOut,
     /// QEMU exited; `clean` when asked to (turn off, shutdown, save).
-    QemuExited { clean: bool, detail: String },
+    QemuExited {
+        clean: bool,
+        detail: String,
+    },
     GuestReady,
-    Warning { message: String },
+    Warning {
+        message: String,
+    },
 }
 
 /// Arguments fvd passes when launching a worker (as a JSON file, `--launch FILE`).
@@ -162,9 +183,15 @@ mod tests {
     use super::*;
     #[test]
     fn request_shape() {
-        let r = Request { id: 7, op: Op::ShutDown { timeout_s: 30 } };
+        let r = Request {
+            id: 7,
+            op: Op::ShutDown { timeout_s: 30 },
+        };
         let s = encode(&r).unwrap();
-        assert_eq!(s, "{\"id\":7,\"op\":{\"op\":\"shut_down\",\"timeout_s\":30}}\n");
+        assert_eq!(
+            s,
+            "{\"id\":7,\"op\":{\"op\":\"shut_down\",\"timeout_s\":30}}\n"
+        );
         let m: Message = serde_json::from_str(s.trim()).unwrap();
         assert!(matches!(m, Message::Request(Request { id: 7, .. })));
         let e: Message = serde_json::from_str(r#"{"event":{"kind":"guest_ready"}}"#).unwrap();

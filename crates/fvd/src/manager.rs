@@ -1511,7 +1511,13 @@ impl Manager {
                 Ok(job)
             }
             StopMode::ShutDown => {
-                let (w, name) = self.worker_of(id, "shut down", &[VmState::Running])?;
+                // With --force a shut down already in progress may be cut short.
+                let ok: &[VmState] = if req.force {
+                    &[VmState::Running, VmState::Stopping]
+                } else {
+                    &[VmState::Running]
+                };
+                let (w, name) = self.worker_of(id, "shut down", ok)?;
                 let timeout = self.settings().shutdown_timeout_s;
                 self.expect(id, Expect::Off, Some(VmState::Stopping));
                 if let Some(vm) = self.vms.lock().get_mut(&id) {
@@ -1537,7 +1543,17 @@ impl Manager {
                         .call(Op::ShutDown { timeout_s: timeout }, Duration::from_secs(30))
                         .await
                     {
-                        m.unexpect(id, VmState::Running);
+                        if req.force {
+                            // e.g. a shut down already in progress: --force means off anyway.
+                            let msg = format!("shut down refused ({e}); turning off (--force)");
+                            m.events.emit("vm.warning", Some(id), Some(j.id), msg, None);
+                            match m.turn_off(id, &w).await {
+                                Ok(()) => j.complete(),
+                                Err(e) => j.fail("worker_error", e),
+                            }
+                            return;
+                        }
+                        m.resync(id, &w).await;
                         j.fail("worker_error", format!("shut down request failed: {e}"));
                         return;
                     }
@@ -1546,7 +1562,7 @@ impl Manager {
                         r = m.wait_state(id, Duration::from_secs(timeout + 5), |s, wk| !wk || s == VmState::Off) => r.is_some(),
                         _ = m.wait_flag(id) => false,
                         _ = async { if let Some(c) = &cancel { c.cancelled().await } else { std::future::pending::<()>().await } } => {
-                            m.unexpect(id, VmState::Running);
+                            m.resync(id, &w).await;
                             j.cancelled("shut down cancelled; the guest may still be shutting down".into());
                             return;
                         }
@@ -1568,7 +1584,7 @@ impl Manager {
                             Err(e) => j.fail("worker_error", e),
                         }
                     } else {
-                        m.unexpect(id, VmState::Running);
+                        m.resync(id, &w).await;
                         j.fail("shutdown_timed_out", format!("the guest did not shut down within {timeout} s; it is still running (use --force or --turn-off)"));
                     }
                 });
@@ -1605,12 +1621,18 @@ impl Manager {
         }
     }
 
-    fn unexpect(&self, id: Uuid, back_to: VmState) {
+    /// An operation that expected the worker to exit gave up: the worker's state is
+    /// the truth again.
+    async fn resync(&self, id: Uuid, w: &WorkerConn) {
+        let st = w.status().await;
         let mut vms = self.vms.lock();
         if let Some(vm) = vms.get_mut(&id) {
             vm.expect = None;
-            if vm.worker.is_some() {
-                self.set_state_locked(vm, back_to, None);
+            let same = vm.worker.as_ref().is_some_and(|x| x.serial == w.serial);
+            if let (Ok(st), true) = (st, same) {
+                let s = st.state;
+                vm.status = Some((st, Instant::now()));
+                self.set_state_locked(vm, s, None);
             }
         }
     }

@@ -263,3 +263,30 @@ fn auto_accel_is_tcg_on_pvm_hosts() {
     }
     assert!(!h["accel_reason"].as_str().unwrap().is_empty());
 }
+
+#[test]
+fn events_stream_as_sse() {
+    use std::io::{Read, Write};
+    let f = Fvd::start();
+    f.new_vm(json!({"name": "before"}));
+    let mut s = std::os::unix::net::UnixStream::connect(&f.sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(b"GET /events/stream?since=0 HTTP/1.1\r\nHost: fvd\r\n\r\n")
+        .unwrap();
+    f.new_vm(json!({"name": "after"}));
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while got.matches("event: vm.created").count() < 2 {
+        assert!(
+            std::time::Instant::now() < end,
+            "events missing from the stream: {got}"
+        );
+        let n = s.read(&mut buf).expect("SSE stream stalled");
+        assert!(n > 0, "stream closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("text/event-stream"), "{got}");
+    assert!(got.contains("before") && got.contains("after"), "{got}");
+}

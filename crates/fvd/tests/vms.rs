@@ -342,3 +342,97 @@ fn qemu_crash_is_critical_then_recovered_once() {
     f.action_ok(&id, "start", None);
     f.action_ok(&id, "stop", Some(json!({"mode": "turn_off"})));
 }
+
+#[test]
+fn host_shutdown_applies_stop_actions_and_start_actions_bring_vms_back() {
+    let mut f = Fvd::start();
+    let a = bare_vm(&f, "a", json!({}));
+    let b = bare_vm(
+        &f,
+        "b",
+        json!({"automatic_stop_action": "turn_off", "automatic_start_action": "nothing"}),
+    );
+    f.action_ok(&a, "start", None);
+    f.action_ok(&b, "start", None);
+    let (s, j) = f.req("POST", "/host/actions/shutdown", None);
+    assert_eq!(s, 202, "{j}");
+    assert!(
+        f.wait_exit(Duration::from_secs(300)),
+        "fvd did not exit after the host shutdown"
+    );
+    f.spawn();
+    let j = f.ok("GET", &format!("/jobs/{}", j["id"].as_str().unwrap()), None);
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(
+        f.vm(&b)["state"],
+        "Off",
+        "turn_off stop action, start action nothing"
+    );
+    // a: saved by its stop action, then started again (restored) by "start if it was running".
+    let v = f.wait_vm(&a, Duration::from_secs(300), |v| v["state"] == "Running");
+    assert_eq!(v["has_saved_state"], false);
+    let jobs = f.ok("GET", "/jobs", None);
+    let detail: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["detail"].as_str())
+        .collect();
+    assert!(
+        detail.contains(&"automatic stop action") && detail.contains(&"automatic start"),
+        "{detail:?}"
+    );
+    f.action_ok(&a, "stop", Some(json!({"mode": "turn_off"})));
+}
+
+#[test]
+fn shut_down_times_out_or_is_cancelled_and_the_vm_keeps_running() {
+    // SeaBIOS with nothing to boot ignores ACPI power button presses.
+    let f = Fvd::start();
+    let id = bare_vm(&f, "stubborn", json!({}));
+    f.action_ok(&id, "start", None);
+    f.ok("PATCH", "/host", Some(json!({"shutdown_timeout_s": 2})));
+    let j = f.action(&id, "stop", None);
+    assert_eq!(
+        (j["state"].as_str(), j["error_code"].as_str()),
+        (Some("failed"), Some("shutdown_timed_out")),
+        "{j}"
+    );
+    assert_eq!(f.vm(&id)["state"], "Running");
+    f.ok("PATCH", "/host", Some(json!({"shutdown_timeout_s": 600})));
+    let (s, j) = f.req(
+        "POST",
+        &format!("/vms/{id}/actions/stop"),
+        Some(json!({"mode": "shut_down"})),
+    );
+    assert_eq!(s, 202);
+    assert_eq!(j["cancellable"], true);
+    let c = f.ok(
+        "POST",
+        &format!("/jobs/{}/cancel", j["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(c["state"], "cancelled", "{c}");
+    // The worker may still wait for the guest (Stopping) until its own timeout.
+    let st = f.vm(&id)["state"].as_str().unwrap().to_string();
+    assert!(st == "Running" || st == "Stopping", "{st}");
+    // A finished job cannot be cancelled.
+    let (s, e) = f.req(
+        "POST",
+        &format!("/jobs/{}/cancel", j["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(
+        (s, e["operation"].as_str()),
+        (409, Some("job.cancel")),
+        "{e}"
+    );
+    // --force turns off after the timeout.
+    f.ok("PATCH", "/host", Some(json!({"shutdown_timeout_s": 2})));
+    f.action_ok(
+        &id,
+        "stop",
+        Some(json!({"mode": "shut_down", "force": true})),
+    );
+    assert_eq!(f.vm(&id)["state"], "Off");
+}

@@ -102,6 +102,19 @@ impl Fvd {
         }
     }
 
+    /// Wait for fvd to exit by itself (host shutdown); true if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
         self.spawn();

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -22,7 +23,10 @@ use vmm_sys_util::event::{
 
 use crate::request::{DeviceCtx, Scratch, MAX_DWZ_SECTORS, MAX_DWZ_SEGS, SECTOR};
 
-pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// Guest memory with a dirty-page bitmap that QEMU can attach (SET_LOG_BASE) while it
+/// migrates; until then marking is a no-op.
+pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+type VringRwLock = vhost_user_backend::VringRwLock<Mem>;
 
 /// Length of `struct virtio_blk_config` up to and including `write_zeroes_may_unmap`
 /// and its padding (the fields the features we offer make meaningful).
@@ -67,8 +71,17 @@ pub(crate) fn offered_features(read_only: bool, writeback: bool, num_queues: u16
     if num_queues > 1 {
         f |= bit(VIRTIO_BLK_F_MQ);
     }
+    // QEMU refuses to migrate (our save) a vhost-user device without dirty logging.
+    // The worker's save is non-live (the VM is paused before `migrate`), so little or
+    // nothing is ever logged, but the log is kept correctly anyway: guest-memory
+    // writes go through `BitmapMmapRegion`, which marks pages once QEMU sets a log.
+    f |= bit(VHOST_F_LOG_ALL);
     f
 }
+
+/// `VHOST_F_LOG_ALL` (vhost feature bit 26): the back-end can log its writes to guest
+/// memory in the shared dirty bitmap (with `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+pub(crate) const VHOST_F_LOG_ALL: u32 = 26;
 
 /// Build `struct virtio_blk_config` (little-endian, virtio 1.x layout).
 pub(crate) fn build_config(
@@ -221,7 +234,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -241,9 +254,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // LOG_SHMFD: see VHOST_F_LOG_ALL in offered_features (needed for save).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1,13 +1,16 @@
 //! Turns a VmConfig into a QEMU command line (pure: no I/O, unit-tested).
 
-use fv_model::{BootDevice, ControllerKind, Generation, NicConnection, NicKind, VmConfig};
+use fv_model::{
+    BootDevice, ControllerKind, Generation, HardDrive, NicConnection, NicKind, VmConfig,
+};
 use fv_worker_proto::LaunchSpec;
 use std::path::{Path, PathBuf};
 
 /// Where the worker put things QEMU must connect to.
 pub struct Paths {
     pub runtime: PathBuf,
-    /// One vhost-user socket per hard drive, in config order.
+    /// One socket per hard drive (vhost-user or NBD, see [`disk_transport`]), in
+    /// config order.
     pub disk_sockets: Vec<PathBuf>,
     /// Gen2: firmware code (read-only) and this VM's variable store.
     pub ovmf: Option<(PathBuf, PathBuf)>,
@@ -29,6 +32,57 @@ pub const QGA_SOCK: &str = "qga.sock";
 
 pub fn com_socket(runtime: &Path, index: usize) -> PathBuf {
     runtime.join(format!("com{}.sock", index + 1))
+}
+
+/// How one hard drive reaches the guest. Our disk engine serves every transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskTransport {
+    /// `vhost-user-blk-pci`: the guest's virtio ring is served by our back-end
+    /// directly from guest memory (fastest; QEMU is not on the data path).
+    VhostUser,
+    /// An emulated `ide-hd` on an NBD block node served by fv-nbd.
+    NbdIde,
+    /// QEMU's own `virtio-blk-pci` on an NBD block node served by fv-nbd.
+    NbdVirtio,
+}
+
+/// Decide the transport of one hard drive.
+///
+/// - Gen1 IDE slots get an emulated `ide-hd`: Hyper-V Gen1 boots from IDE, and
+///   legacy BIOSes and guests without virtio drivers expect a real IDE disk there.
+/// - SCSI slots (Hyper-V's synthetic storage) are virtio-blk: `vhost-user-blk-pci`
+///   under KVM, but under TCG QEMU's own `virtio-blk-pci` on NBD. TCG does not
+///   invalidate translated code when a vhost-user back-end writes guest memory (see
+///   `vhost_section()` in QEMU's hw/virtio/vhost.c), so code loaded by vhost-user DMA
+///   (a boot record loaded over the MBR at 0x7c00, later kernel modules, ...) can
+///   run stale. With NBD, QEMU's block layer does the DMA and TCG stays coherent.
+///
+/// The NBD transports keep our engine on the data path (fv-nbd serves the same
+/// `BlockDevice`); only the device emulation moves into QEMU.
+pub fn disk_transport(cfg: &VmConfig, hd: &HardDrive, accel: &str) -> DiskTransport {
+    let kvm = accel.split(':').next() == Some("kvm");
+    if cfg.generation == Generation::Gen1 && hd.slot.controller == ControllerKind::Ide {
+        DiskTransport::NbdIde
+    } else if kvm {
+        DiskTransport::VhostUser
+    } else {
+        DiskTransport::NbdVirtio
+    }
+}
+
+/// The socket of hard drive `index` for its transport.
+pub fn disk_socket(runtime: &Path, index: usize, t: DiskTransport) -> PathBuf {
+    match t {
+        DiskTransport::VhostUser => runtime.join(format!("disk-{index}.sock")),
+        DiskTransport::NbdIde | DiskTransport::NbdVirtio => {
+            runtime.join(format!("disk-{index}.nbd.sock"))
+        }
+    }
+}
+
+/// The NBD export name of hard drive `index`.
+pub fn nbd_export(index: usize) -> String {
+    format!("disk{index}")
 }
 
 /// Escape a value for QEMU's `key=value,...` option syntax.
@@ -181,18 +235,41 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
     }
 
     let plan = boot_plan(cfg);
-    for i in 0..cfg.hard_drives.len() {
+    for (i, hd) in cfg.hard_drives.iter().enumerate() {
         let Some(sock) = paths.disk_sockets.get(i) else {
             continue;
         };
-        push(&["-chardev", &format!("socket,id=disk{i},path={}", esc(sock))]);
+        let bi = bootindex(plan.hd.get(i).copied().flatten());
+        let t = disk_transport(cfg, hd, &spec.accel);
+        if t == DiskTransport::VhostUser {
+            push(&["-chardev", &format!("socket,id=disk{i},path={}", esc(sock))]);
+            push(&[
+                "-device",
+                &format!("vhost-user-blk-pci,id=hd{i},chardev=disk{i},num-queues=1{bi}"),
+            ]);
+            continue;
+        }
+        // A writeback device (like Hyper-V's default): data is durable once the guest
+        // flushes; QEMU sends that as NBD FLUSH and fv-nbd calls BlockDevice::flush.
+        // cache.no-flush=off makes sure QEMU never drops a flush.
+        let ro = if hd.read_only { ",read-only=on" } else { "" };
         push(&[
-            "-device",
+            "-blockdev",
             &format!(
-                "vhost-user-blk-pci,id=hd{i},chardev=disk{i},num-queues=1{}",
-                bootindex(plan.hd.get(i).copied().flatten())
+                "driver=nbd,server.type=unix,server.path={},export={},node-name=disk{i},cache.direct=off,cache.no-flush=off{ro}",
+                esc(sock),
+                nbd_export(i)
             ),
         ]);
+        let dev = if t == DiskTransport::NbdIde {
+            format!(
+                "ide-hd,id=hd{i},drive=disk{i},bus=ide.{},unit={},serial=fv-hd{i},write-cache=on{bi}",
+                hd.slot.controller_number, hd.slot.location
+            )
+        } else {
+            format!("virtio-blk-pci,id=hd{i},drive=disk{i},serial=fv-hd{i},write-cache=on{bi}")
+        };
+        push(&["-device", &dev]);
     }
     if gen2
         && cfg
@@ -202,8 +279,7 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
         && cfg.scsi_as_virtio_scsi
     {
         warnings.push(
-            "scsi_as_virtio_scsi: hard drives are served as vhost-user-blk (virtio-blk) only"
-                .into(),
+            "scsi_as_virtio_scsi: SCSI-slot hard drives are served as virtio-blk only".into(),
         );
     }
 
@@ -391,8 +467,8 @@ mod tests {
         let p = Paths {
             runtime: "/run/fv/a".into(),
             disk_sockets: vec![
-                "/run/fv/a/disk-0.sock".into(),
-                "/run/fv/a/disk-1.sock".into(),
+                "/run/fv/a/disk-0.nbd.sock".into(),
+                "/run/fv/a/disk-1.nbd.sock".into(),
             ],
             ovmf: None,
         };
@@ -408,14 +484,20 @@ mod tests {
             line.contains("ide-cd,id=cd0,bus=ide.1,unit=0,bootindex=1"),
             "{line}"
         );
+        // IDE-slot drives are emulated IDE disks on our NBD exports.
         assert!(
-            line.contains("id=hd1,chardev=disk1,num-queues=1,bootindex=2"),
+            line.contains("-blockdev driver=nbd,server.type=unix,server.path=/run/fv/a/disk-0.nbd.sock,export=disk0,node-name=disk0,cache.direct=off,cache.no-flush=off "),
             "{line}"
         );
         assert!(
-            line.contains("id=hd0,chardev=disk0,num-queues=1,bootindex=3"),
+            line.contains("ide-hd,id=hd1,drive=disk1,bus=ide.0,unit=0,serial=fv-hd1,write-cache=on,bootindex=2"),
             "{line}"
         );
+        assert!(
+            line.contains("ide-hd,id=hd0,drive=disk0,bus=ide.0,unit=1,serial=fv-hd0,write-cache=on,bootindex=3"),
+            "{line}"
+        );
+        assert!(!line.contains("vhost-user-blk"), "{line}");
         assert!(
             line.contains("e1000,id=nic0,netdev=net0,mac=00:15:5d:00:00:01,bootindex=4"),
             "{line}"
@@ -464,5 +546,54 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn scsi_disks_use_vhost_user_only_under_kvm() {
+        let mut c = VmConfig::new("s", Generation::Gen2);
+        c.hard_drives.push(HardDrive {
+            slot: slot(ControllerKind::Scsi, 0, 0),
+            path: "a.vhdx".into(),
+            read_only: true,
+        });
+        let hd = c.hard_drives[0].clone();
+        assert_eq!(disk_transport(&c, &hd, "kvm"), DiskTransport::VhostUser);
+        assert_eq!(disk_transport(&c, &hd, "tcg"), DiskTransport::NbdVirtio);
+        let mut g1 = VmConfig::new("i", Generation::Gen1);
+        let ide = HardDrive {
+            slot: slot(ControllerKind::Ide, 1, 0),
+            ..hd.clone()
+        };
+        g1.hard_drives.push(ide.clone());
+        assert_eq!(disk_transport(&g1, &ide, "kvm"), DiskTransport::NbdIde);
+
+        let mut s = spec(c);
+        let p = |sock: &str| Paths {
+            runtime: "/r".into(),
+            disk_sockets: vec![sock.into()],
+            ovmf: None,
+        };
+        let line = build(&s, &p("/r/disk-0.nbd.sock")).args.join(" ");
+        assert!(
+            line.contains("node-name=disk0,cache.direct=off,cache.no-flush=off,read-only=on"),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "virtio-blk-pci,id=hd0,drive=disk0,serial=fv-hd0,write-cache=on,bootindex=1"
+            ),
+            "{line}"
+        );
+        s.accel = "kvm".into();
+        let line = build(&s, &p("/r/disk-0.sock")).args.join(" ");
+        assert!(
+            line.contains("-chardev socket,id=disk0,path=/r/disk-0.sock"),
+            "{line}"
+        );
+        assert!(
+            line.contains("vhost-user-blk-pci,id=hd0,chardev=disk0,num-queues=1,bootindex=1"),
+            "{line}"
+        );
+        assert!(!line.contains("driver=nbd"), "{line}");
     }
 }

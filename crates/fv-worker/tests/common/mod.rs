@@ -35,12 +35,22 @@ pub struct Vm {
 }
 
 /// A gen1 VM booting the template kernel directly, with the template's data disk
-/// converted to VHDX on IDE 0:0 (served over vhost-user-blk; the guest mounts it
-/// at /data before it reports ready). Direct boot because SeaBIOS under TCG hangs
-/// at the first INT 13h read from a vhost-user-blk disk (QEMU 7.2; also with
-/// qemu-storage-daemon as the back-end), see the crate README.
+/// converted to VHDX on IDE 0:0 (an emulated IDE disk on the worker's NBD export;
+/// the guest mounts it at /data before it reports ready). Direct boot keeps these
+/// tests fast; `gen1_bios_vm` covers booting from the disk itself.
 pub fn gen1_vm(name: &str) -> Vm {
     let t = template();
+    gen1_vm_with(name, &t.data_disk, Some(&t))
+}
+
+/// A gen1 VM that boots through SeaBIOS from the template's BIOS disk, converted
+/// to VHDX on IDE 0:0.
+pub fn gen1_bios_vm(name: &str) -> Vm {
+    let t = template();
+    gen1_vm_with(name, &t.bios_disk, None)
+}
+
+fn gen1_vm_with(name: &str, image: &Path, direct: Option<&fv_guest_template::Template>) -> Vm {
     let vm_dir = tempfile::Builder::new().prefix("fvw-vm").tempdir().unwrap();
     // Unix socket paths are limited to 108 bytes: keep the runtime dir short.
     let run_dir = tempfile::Builder::new()
@@ -49,7 +59,7 @@ pub fn gen1_vm(name: &str) -> Vm {
         .unwrap();
     let disk = vm_dir.path().join("boot.vhdx");
     fv_vdisk::ops::convert(
-        &t.data_disk,
+        image,
         &disk,
         fv_vdisk::DiskFormat::Vhdx,
         fv_vdisk::DiskKind::Dynamic,
@@ -58,7 +68,7 @@ pub fn gen1_vm(name: &str) -> Vm {
     .expect("convert template disk to VHDX");
     let mut c = VmConfig::new(name, Generation::Gen1);
     c.memory_mib = 256;
-    c.direct_boot = Some(DirectBoot {
+    c.direct_boot = direct.map(|t| DirectBoot {
         kernel: t.kernel.clone(),
         initrd: Some(t.initrd.clone()),
         cmdline: t.cmdline.clone(),

@@ -137,10 +137,10 @@ pub mod open {
 
 /// Open every hard drive and start serving it; waits until each socket exists so
 /// QEMU can connect right away.
-pub fn start(spec: &LaunchSpec) -> Result<Vec<ServedDisk>> {
+pub fn start(spec: &LaunchSpec, force_vhost_user: bool) -> Result<Vec<ServedDisk>> {
     let mut out: Vec<ServedDisk> = Vec::new();
     for (i, hd) in spec.config.hard_drives.iter().enumerate() {
-        match start_one(spec, i, hd) {
+        match start_one(spec, i, hd, force_vhost_user) {
             Ok(d) => out.push(d),
             Err(e) => {
                 stop_all(&mut out);
@@ -162,10 +162,15 @@ pub fn start(spec: &LaunchSpec) -> Result<Vec<ServedDisk>> {
     Ok(out)
 }
 
-fn start_one(spec: &LaunchSpec, i: usize, hd: &fv_model::HardDrive) -> Result<ServedDisk> {
+fn start_one(
+    spec: &LaunchSpec,
+    i: usize,
+    hd: &fv_model::HardDrive,
+    force_vhost_user: bool,
+) -> Result<ServedDisk> {
     let path = qemu_cmd::resolve(&spec.vm_dir, &hd.path);
     let dev = open::open_image(&path, hd.read_only, spec)?;
-    let transport = qemu_cmd::disk_transport(&spec.config, hd, &spec.accel);
+    let transport = qemu_cmd::disk_transport(&spec.config, hd, &spec.accel, force_vhost_user);
     let socket = qemu_cmd::disk_socket(&spec.runtime_dir, i, transport);
     if transport != DiskTransport::VhostUser {
         let stats = Arc::new(BlkStats::default());

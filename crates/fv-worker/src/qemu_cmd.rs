@@ -14,6 +14,8 @@ pub struct Paths {
     pub disk_sockets: Vec<PathBuf>,
     /// Gen2: firmware code (read-only) and this VM's variable store.
     pub ovmf: Option<(PathBuf, PathBuf)>,
+    /// Debug/test knob: SCSI-slot drives use vhost-user even under TCG.
+    pub force_vhost_user: bool,
 }
 
 pub struct QemuCommand {
@@ -59,8 +61,17 @@ pub enum DiskTransport {
 ///
 /// The NBD transports keep our engine on the data path (fv-nbd serves the same
 /// `BlockDevice`); only the device emulation moves into QEMU.
-pub fn disk_transport(cfg: &VmConfig, hd: &HardDrive, accel: &str) -> DiskTransport {
-    let kvm = accel.split(':').next() == Some("kvm");
+///
+/// `force_vhost_user` (env `FV_WORKER_FORCE_VHOST_USER`, debugging and tests only)
+/// keeps SCSI-slot drives on vhost-user under TCG; fine for data disks of a guest
+/// booted directly, which is how the vhost-user save path is tested without KVM.
+pub fn disk_transport(
+    cfg: &VmConfig,
+    hd: &HardDrive,
+    accel: &str,
+    force_vhost_user: bool,
+) -> DiskTransport {
+    let kvm = accel.split(':').next() == Some("kvm") || force_vhost_user;
     if cfg.generation == Generation::Gen1 && hd.slot.controller == ControllerKind::Ide {
         DiskTransport::NbdIde
     } else if kvm {
@@ -240,7 +251,7 @@ pub fn build(spec: &LaunchSpec, paths: &Paths) -> QemuCommand {
             continue;
         };
         let bi = bootindex(plan.hd.get(i).copied().flatten());
-        let t = disk_transport(cfg, hd, &spec.accel);
+        let t = disk_transport(cfg, hd, &spec.accel, paths.force_vhost_user);
         if t == DiskTransport::VhostUser {
             push(&["-chardev", &format!("socket,id=disk{i},path={}", esc(sock))]);
             push(&[
@@ -471,6 +482,7 @@ mod tests {
                 "/run/fv/a/disk-1.nbd.sock".into(),
             ],
             ovmf: None,
+            force_vhost_user: false,
         };
         let q = build(&s, &p);
         let line = q.args.join(" ");
@@ -531,6 +543,7 @@ mod tests {
                 "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into(),
                 "/vms/a/vars.fd".into(),
             )),
+            force_vhost_user: false,
         };
         let line = build(&s, &p).args.join(" ");
         assert!(
@@ -557,21 +570,31 @@ mod tests {
             read_only: true,
         });
         let hd = c.hard_drives[0].clone();
-        assert_eq!(disk_transport(&c, &hd, "kvm"), DiskTransport::VhostUser);
-        assert_eq!(disk_transport(&c, &hd, "tcg"), DiskTransport::NbdVirtio);
+        assert_eq!(
+            disk_transport(&c, &hd, "kvm", false),
+            DiskTransport::VhostUser
+        );
+        assert_eq!(
+            disk_transport(&c, &hd, "tcg", false),
+            DiskTransport::NbdVirtio
+        );
         let mut g1 = VmConfig::new("i", Generation::Gen1);
         let ide = HardDrive {
             slot: slot(ControllerKind::Ide, 1, 0),
             ..hd.clone()
         };
         g1.hard_drives.push(ide.clone());
-        assert_eq!(disk_transport(&g1, &ide, "kvm"), DiskTransport::NbdIde);
+        assert_eq!(
+            disk_transport(&g1, &ide, "kvm", false),
+            DiskTransport::NbdIde
+        );
 
         let mut s = spec(c);
         let p = |sock: &str| Paths {
             runtime: "/r".into(),
             disk_sockets: vec![sock.into()],
             ovmf: None,
+            force_vhost_user: false,
         };
         let line = build(&s, &p("/r/disk-0.nbd.sock")).args.join(" ");
         assert!(
@@ -595,5 +618,14 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("driver=nbd"), "{line}");
+        s.accel = "tcg".into();
+        assert_eq!(
+            disk_transport(&s.config, &hd, "tcg", true),
+            DiskTransport::VhostUser
+        );
+        assert_eq!(
+            disk_transport(&g1, &ide, "tcg", true),
+            DiskTransport::NbdIde
+        );
     }
 }

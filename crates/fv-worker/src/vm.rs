@@ -209,7 +209,8 @@ impl Vm {
             None
         };
         let spec2 = spec.clone();
-        let served = tokio::task::spawn_blocking(move || disks::start(&spec2))
+        let force_vhost_user = std::env::var_os("FV_WORKER_FORCE_VHOST_USER").is_some();
+        let served = tokio::task::spawn_blocking(move || disks::start(&spec2, force_vhost_user))
             .await
             .context("disk thread")??;
         let disk_sockets = served.iter().map(|d| d.socket.clone()).collect();
@@ -219,6 +220,7 @@ impl Vm {
             runtime: spec.runtime_dir.clone(),
             disk_sockets,
             ovmf,
+            force_vhost_user,
         };
         let mut cmd = qemu_cmd::build(spec, &paths);
         // Debugging aid only (e.g. a SeaBIOS debugcon): extra QEMU arguments.

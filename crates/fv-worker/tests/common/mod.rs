@@ -127,10 +127,16 @@ impl Vm {
     }
 
     pub fn start(&self, restore_from: Option<PathBuf>) -> Worker {
+        self.start_env(restore_from, &[])
+    }
+
+    /// Start a worker with extra environment variables (debug knobs).
+    pub fn start_env(&self, restore_from: Option<PathBuf>, env: &[(&str, &str)]) -> Worker {
         let spec = self.write_spec(restore_from);
         let child = Command::new(env!("CARGO_BIN_EXE_fv-worker"))
             .arg("--launch")
             .arg(&spec)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

@@ -113,15 +113,21 @@ pub mod open {
     //! chains), with parents confined to the VM folder and the allowed directories.
     use super::*;
 
+    /// Where differencing parents may be: the VM folder and the allowed folders.
+    pub fn policy(spec: &LaunchSpec) -> fv_vdisk::PathPolicy {
+        let mut policy = fv_vdisk::PathPolicy::image_dir_only().allow(&spec.vm_dir);
+        for d in &spec.allowed_disk_dirs {
+            policy = policy.allow(d);
+        }
+        policy
+    }
+
     pub fn open_image(
         path: &Path,
         read_only: bool,
         spec: &LaunchSpec,
     ) -> Result<Arc<dyn BlockDevice>> {
-        let mut policy = fv_vdisk::PathPolicy::image_dir_only().allow(&spec.vm_dir);
-        for d in &spec.allowed_disk_dirs {
-            policy = policy.allow(d);
-        }
+        let policy = policy(spec);
         // A writable open replays a dirty VHDX log left by a crash; a read-only open
         // must not modify the file.
         let opts = fv_vdisk::OpenOptions {

@@ -1,0 +1,212 @@
+//! Per-VM confinement: before the worker opens anything or starts a thread, it
+//! restricts itself with Landlock to the files of its own VM. QEMU is our child
+//! and inherits the restriction, so neither can open another VM's disks, saved
+//! state or sockets, whatever a compromised guest or a wrong path makes them try.
+//!
+//! Why Landlock rather than file ownership: VM folders, shared differencing
+//! parents and media are ordinary admin-owned files; chowning them per VM (as
+//! libvirt's DAC driver does) breaks shared parents and surprises admins. Landlock
+//! needs no ownership changes, applies to root too, and also stops ptrace of and
+//! signals to processes outside the domain (ABI 6 scopes).
+//!
+//! Granted:
+//! - everything beneath the VM folder and the VM's runtime dir;
+//! - read+write on each writable hard drive's top image file, read on its
+//!   differencing parents (resolved now, through the same path policy the disk
+//!   engine uses; nothing else in the parents' folders);
+//! - read on the media folders, the folders of the DVD media present at start, the
+//!   direct-boot kernel/initrd and the floppy image;
+//! - read+execute on the system (/usr, /lib*, /bin, /sbin), read on /proc, /sys and
+//!   the few /etc files the loader and QEMU read, the QEMU binary, and the device
+//!   nodes QEMU uses.
+//!
+//! The worker also gives up the capabilities it never needs (raw I/O, admin, module
+//! loading, ptrace, ...), so root inside the sandbox cannot read kernel memory
+//! through /proc/kcore or undo the confinement.
+use anyhow::{Context, Result};
+use fv_worker_proto::LaunchSpec;
+use landlock::{
+    path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, ABI,
+};
+use std::path::{Path, PathBuf};
+
+/// What the worker was allowed, for the log and for tests.
+#[derive(Debug, Default)]
+pub struct Grants {
+    pub read_write_dirs: Vec<PathBuf>,
+    pub read_write_files: Vec<PathBuf>,
+    pub read_only: Vec<PathBuf>,
+}
+
+/// How far the kernel enforced the ruleset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    Full,
+    Partial,
+    None,
+}
+
+const SYSTEM_READ_EXEC: &[&str] = &["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"];
+/// Not all of /etc: the worker is root, and /etc holds secrets (shadow, keys).
+const SYSTEM_READ: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/qemu",
+];
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/kvm",
+    "/dev/net/tun",
+    "/dev/vhost-net",
+    "/dev/ptmx",
+    "/dev/pts",
+];
+
+/// Work out what this VM needs. Disk chains are resolved read-only here; the real
+/// (writable) open happens later, under the restriction.
+pub fn grants(spec: &LaunchSpec) -> Grants {
+    let mut g = Grants {
+        read_write_dirs: vec![spec.vm_dir.clone(), spec.runtime_dir.clone()],
+        ..Grants::default()
+    };
+    for hd in &spec.config.hard_drives {
+        let path = crate::qemu_cmd::resolve(&spec.vm_dir, &hd.path);
+        // Read-only, no log replay: this open must not change the image.
+        let opts = fv_vdisk::OpenOptions {
+            read_only: true,
+            replay_log: false,
+            policy: crate::disks::open::policy(spec),
+        };
+        match fv_vdisk::open(&path, &opts) {
+            Ok(disk) => {
+                for (i, p) in disk.layer_paths().iter().enumerate() {
+                    push(&mut g, p, hd.read_only || i > 0);
+                }
+            }
+            // The real open reports the error with its context; grant only the
+            // file itself so that report is about the image, not about us.
+            Err(e) => {
+                tracing::warn!("confine: cannot resolve {}: {e}", path.display());
+                push(&mut g, &path, hd.read_only);
+            }
+        }
+    }
+    let mut media: Vec<PathBuf> = spec.media_dirs.clone();
+    for d in &spec.config.dvd_drives {
+        if let Some(p) = &d.path {
+            if let Some(dir) = crate::qemu_cmd::resolve(&spec.vm_dir, p).parent() {
+                media.push(dir.to_path_buf());
+            }
+        }
+    }
+    if let Some(f) = &spec.config.floppy {
+        media.push(crate::qemu_cmd::resolve(&spec.vm_dir, f));
+    }
+    if let Some(b) = &spec.config.direct_boot {
+        media.push(crate::qemu_cmd::resolve(&spec.vm_dir, &b.kernel));
+        if let Some(i) = &b.initrd {
+            media.push(crate::qemu_cmd::resolve(&spec.vm_dir, i));
+        }
+    }
+    g.read_only.extend(media);
+    g
+}
+
+fn push(g: &mut Grants, p: &Path, read_only: bool) {
+    if read_only {
+        g.read_only.push(p.to_path_buf());
+    } else {
+        g.read_write_files.push(p.to_path_buf());
+    }
+}
+
+/// Apply the restriction to the calling thread and every thread and process it
+/// creates from now on. Must run before any other thread exists (Landlock
+/// restricts only the calling thread and its future children).
+pub fn apply(spec: &LaunchSpec, g: &Grants) -> Result<Enforcement> {
+    // V5 adds IOCTL_DEV (QEMU's ioctls on /dev/kvm and /dev/net/tun need the grant
+    // below); best-effort compatibility degrades to what the kernel offers.
+    let abi = ABI::V5;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::from_read(abi);
+    let read_no_exec = read & !AccessFs::Execute;
+    let file_rw = AccessFs::from_file(abi);
+    let mut exec_paths: Vec<PathBuf> = SYSTEM_READ_EXEC.iter().map(PathBuf::from).collect();
+    exec_paths.push(spec.qemu_binary.clone());
+    let status = Ruleset::default()
+        .handle_access(all)
+        .context("landlock: handle_access")?
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .context("landlock: scope")?
+        .create()
+        .context("landlock: create ruleset")?
+        .add_rules(path_beneath_rules(&g.read_write_dirs, all))
+        .context("landlock: VM folders")?
+        .add_rules(path_beneath_rules(&g.read_write_files, file_rw & !AccessFs::Execute))
+        .context("landlock: disk images")?
+        .add_rules(path_beneath_rules(&g.read_only, read_no_exec))
+        .context("landlock: read-only paths")?
+        .add_rules(path_beneath_rules(&exec_paths, read))
+        .context("landlock: system")?
+        .add_rules(path_beneath_rules(SYSTEM_READ, read_no_exec))
+        .context("landlock: system config")?
+        .add_rules(path_beneath_rules(DEVICES, all))
+        .context("landlock: devices")?
+        .restrict_self()
+        .context("landlock: restrict_self")?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => Enforcement::Full,
+        RulesetStatus::PartiallyEnforced => Enforcement::Partial,
+        RulesetStatus::NotEnforced => Enforcement::None,
+    })
+}
+
+/// Capabilities a worker keeps: chown of its sockets and the VARS file for QEMU's
+/// uid, DAC override for admin-owned VM folders, setuid/setgid to start QEMU as the
+/// VM's uid, kill for that QEMU, and net admin for tap devices (virtual switches).
+const KEEP: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_NET_ADMIN,
+];
+
+/// Drop every other capability from the bounding, inheritable, effective and
+/// permitted sets (so QEMU, exec'd later, cannot regain them either).
+pub fn drop_capabilities() -> Result<()> {
+    use caps::CapSet;
+    let keep: caps::CapsHashSet = KEEP.iter().copied().collect();
+    for c in caps::all() {
+        if keep.contains(&c) {
+            continue;
+        }
+        // The bounding set needs CAP_SETPCAP, which we still hold at this point.
+        caps::drop(None, CapSet::Bounding, c).context("drop bounding capability")?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        let have = caps::read(None, set).context("read capabilities")?;
+        let want: caps::CapsHashSet = have.intersection(&keep).copied().collect();
+        caps::set(None, set, &want).context("set capabilities")?;
+    }
+    Ok(())
+}

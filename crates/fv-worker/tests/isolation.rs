@@ -1,0 +1,121 @@
+//! Per-VM isolation: each VM's worker confines itself (and so its QEMU) to that
+//! VM's files, and each QEMU runs under a uid of its own. One VM cannot open
+//! another VM's disk even when file permissions alone would let it.
+
+mod common;
+use common::*;
+use fv_model::{ControllerKind, VmState};
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn with_dvd(name: &str) -> Vm {
+    let mut vm = gen1_vm(name);
+    vm.config.dvd_drives.push(fv_model::DvdDrive {
+        slot: fv_model::Slot {
+            controller: ControllerKind::Ide,
+            controller_number: 1,
+            location: 0,
+        },
+        path: None,
+    });
+    // QEMU runs as another uid and must traverse the VM folder for its media.
+    chmod(vm.vm_dir.path(), 0o755);
+    vm
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Start a worker whose QEMU runs as `uid`, confined or not; returns once QEMU runs
+/// (media changes need QEMU, not a booted guest).
+fn start(vm: &Vm, uid: u32, confine: bool, media_dir: &Path) -> (Worker, Client) {
+    let mut spec = vm.spec(None);
+    spec.qemu_uid = Some(uid);
+    spec.qemu_gid = Some(uid);
+    spec.confine = confine;
+    spec.media_dirs = vec![media_dir.to_path_buf()];
+    let p = vm.vm_dir.path().join("launch.json");
+    std::fs::write(&p, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fv-worker"))
+        .arg("--launch")
+        .arg(&p)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut w = Worker::from_pid(child.id() as i32, vm.run_dir.path());
+    w.child = Some(child);
+    let mut c = w.connect();
+    c.ok(json!({"op": "subscribe"}));
+    if c.status()["state"] != "Running" {
+        c.wait_state(VmState::Running, Duration::from_secs(120));
+    }
+    w.qemu_pid = c.status()["qemu_pid"].as_i64().unwrap() as i32;
+    (w, c)
+}
+
+fn uid_of(pid: i32) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+fn insert(c: &mut Client, path: &Path) -> Result<serde_json::Value, serde_json::Value> {
+    c.call(
+        json!({"op": "change_media", "dvd_index": 0, "path": path}),
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn a_vm_cannot_open_another_vms_disk() {
+    let media = tempfile::Builder::new().prefix("fvw-media").tempdir().unwrap();
+    chmod(media.path(), 0o755);
+    let iso = media.path().join("shared.iso");
+    std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+    chmod(&iso, 0o644);
+
+    let a = with_dvd("iso-a");
+    let b = with_dvd("iso-b");
+    // B's disk is world-readable and its folder traversable: plain permissions
+    // would let A's QEMU (another uid) read it, so a refusal is the confinement's.
+    let b_disk = b.vm_dir.path().join("boot.vhdx");
+    chmod(&b_disk, 0o644);
+    let a_own = a.vm_dir.path().join("own.iso");
+    std::fs::write(&a_own, vec![0u8; 1 << 20]).unwrap();
+    chmod(&a_own, 0o644);
+
+    let (_wa, mut ca) = start(&a, 1_500_000_101, true, media.path());
+    let (_wb, _cb) = start(&b, 1_500_000_102, true, media.path());
+    // Distinct unprivileged uids per VM.
+    let (ua, ub) = (uid_of(_wa.qemu_pid), uid_of(_wb.qemu_pid));
+    assert_eq!(ua, "1500000101");
+    assert_eq!(ub, "1500000102");
+
+    // What A may use: media in its own folder and in the host's media folders.
+    insert(&mut ca, &a_own).expect("own folder media");
+    insert(&mut ca, &iso).expect("media folder");
+    // What it may not: B's disk (and any other host file outside its grants).
+    let e = insert(&mut ca, &b_disk).expect_err("A opened B's disk");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("Permission denied"), "{e}");
+    assert!(msg.contains("media folders"), "{e}");
+    ca.ok(json!({"op": "turn_off"}));
+    ca.wait_state(VmState::Off, Duration::from_secs(60));
+    let mut wa = _wa;
+    assert!(wa.wait_exit(Duration::from_secs(60)), "worker A lingered");
+
+    // Control: the same VM unconfined (same uid, same permissions) can open B's
+    // disk, so the refusal above came from the confinement, not from DAC.
+    let (_wc, mut cc) = start(&a, 1_500_000_101, false, media.path());
+    insert(&mut cc, &b_disk).expect("unconfined worker should reach B's world-readable disk");
+    cc.ok(json!({"op": "turn_off"}));
+    cc.wait_state(VmState::Off, Duration::from_secs(60));
+}

@@ -315,6 +315,160 @@ pub const OPERATIONS: &[Operation] = &[
         Resp::Any,
         "This OpenAPI document"
     ),
+    // Authorization (crate::auth): roles, scopes, assignments, tokens, audit.
+    op!(
+        "auth.role.list",
+        "get",
+        "/auth/roles",
+        "read_service_configuration",
+        None,
+        Resp::JsonList("RoleView"),
+        "Roles (built-in and custom) with their operations"
+    ),
+    op!(
+        "auth.role.view",
+        "get",
+        "/auth/roles/{role}",
+        "read_service_configuration",
+        None,
+        Resp::Json("RoleView"),
+        "One role"
+    ),
+    op!(
+        "auth.role.create",
+        "post",
+        "/auth/roles",
+        "reconfigure_service",
+        Some("NewRoleRequest"),
+        Resp::Json("RoleView"),
+        "Create a custom role (a set of operations)"
+    ),
+    op!(
+        "auth.role.delete",
+        "delete",
+        "/auth/roles/{role}",
+        "reconfigure_service",
+        None,
+        Resp::NoContent,
+        "Delete a custom role and its assignments"
+    ),
+    op!(
+        "auth.scope.list",
+        "get",
+        "/auth/scopes",
+        "read_service_configuration",
+        None,
+        Resp::JsonList("ScopeView"),
+        "Authorization scopes and the VMs placed in them"
+    ),
+    op!(
+        "auth.scope.create",
+        "post",
+        "/auth/scopes",
+        "reconfigure_service",
+        Some("NewScopeRequest"),
+        Resp::Json("ScopeView"),
+        "Create a scope"
+    ),
+    op!(
+        "auth.scope.delete",
+        "delete",
+        "/auth/scopes/{scope}",
+        "reconfigure_service",
+        None,
+        Resp::NoContent,
+        "Delete an empty scope and its assignments"
+    ),
+    op!(
+        "auth.scope.set",
+        "put",
+        "/vms/{id}/scope",
+        "change_vm_authorization_scope",
+        Some("SetScopeRequest"),
+        Resp::Json("VmScope"),
+        "Move a VM to a scope (needs the operation in both scopes)"
+    ),
+    op!(
+        "auth.assignment.list",
+        "get",
+        "/auth/assignments",
+        "read_service_configuration",
+        None,
+        Resp::JsonList("AssignmentView"),
+        "Role assignments"
+    ),
+    op!(
+        "auth.assignment.create",
+        "post",
+        "/auth/assignments",
+        "reconfigure_service",
+        Some("NewAssignmentRequest"),
+        Resp::Json("AssignmentView"),
+        "Assign a role to a principal in a scope (* = everywhere)"
+    ),
+    op!(
+        "auth.assignment.delete",
+        "delete",
+        "/auth/assignments",
+        "reconfigure_service",
+        None,
+        Resp::NoContent,
+        "Remove an assignment (?principal=&role=&scope=)"
+    ),
+    op!(
+        "auth.token.list",
+        "get",
+        "/auth/tokens",
+        "reconfigure_service",
+        None,
+        Resp::JsonList("TokenView"),
+        "API tokens (metadata only; administrators only)"
+    ),
+    op!(
+        "auth.token.create",
+        "post",
+        "/auth/tokens",
+        "reconfigure_service",
+        Some("NewTokenRequest"),
+        Resp::Json("NewTokenResponse"),
+        "Create an API token; the secret is in this answer only"
+    ),
+    op!(
+        "auth.token.revoke",
+        "post",
+        "/auth/tokens/{token}/revoke",
+        "reconfigure_service",
+        None,
+        Resp::Json("TokenView"),
+        "Revoke an API token (effective at once)"
+    ),
+    op!(
+        "auth.settings.view",
+        "get",
+        "/auth/settings",
+        "read_service_configuration",
+        None,
+        Resp::Json("AuthSettings"),
+        "Authorization settings"
+    ),
+    op!(
+        "auth.settings.set",
+        "patch",
+        "/auth/settings",
+        "reconfigure_service",
+        Some("AuthSettingsPatch"),
+        Resp::Json("AuthSettings"),
+        "Change authorization settings (root_is_admin)"
+    ),
+    op!(
+        "audit.view",
+        "get",
+        "/audit",
+        "read_service_configuration",
+        None,
+        Resp::JsonList("AuditEntry"),
+        "Audit log of mutating calls and refusals (?since=SEQ, ?limit=N: the newest N)"
+    ),
 ];
 
 pub struct ApiError {
@@ -399,8 +553,10 @@ async fn host_shutdown(State(m): S) -> R {
     ))
 }
 
-async fn vm_list(State(m): S) -> R {
-    Ok(Json(m.list()).into_response())
+async fn vm_list(State(m): S, caller: crate::auth::Caller) -> R {
+    let mut v = m.list();
+    v.retain(|vm| caller.may(Some(vm.id)));
+    Ok(Json(v).into_response())
 }
 
 async fn vm_create(State(m): S, b: axum::body::Bytes) -> R {
@@ -537,8 +693,10 @@ struct LimitQ {
     limit: Option<u32>,
 }
 
-async fn job_list(State(m): S, Query(q): Query<LimitQ>) -> R {
-    Ok(Json(m.jobs.list(q.limit.unwrap_or(100))).into_response())
+async fn job_list(State(m): S, caller: crate::auth::Caller, Query(q): Query<LimitQ>) -> R {
+    let mut v = m.jobs.list(q.limit.unwrap_or(100));
+    v.retain(|j| caller.may(j.vm_id));
+    Ok(Json(v).into_response())
 }
 
 #[derive(Deserialize)]
@@ -581,7 +739,7 @@ struct EventsQ {
     limit: Option<u32>,
 }
 
-async fn event_list(State(m): S, Query(q): Query<EventsQ>) -> R {
+async fn event_list(State(m): S, caller: crate::auth::Caller, Query(q): Query<EventsQ>) -> R {
     const OP: &str = "event.list";
     let vm = match &q.vm {
         Some(v) => Some(
@@ -591,13 +749,14 @@ async fn event_list(State(m): S, Query(q): Query<EventsQ>) -> R {
         ),
         None => None,
     };
-    let ev =
+    let mut ev =
         m.db.events(q.since.unwrap_or(0), vm, q.limit.unwrap_or(1000))
             .map_err(|e| err(OP)(MgrError::Internal(e.to_string())))?;
+    ev.retain(|e| caller.may(e.vm_id));
     Ok(Json(ev).into_response())
 }
 
-async fn event_stream(State(m): S, Query(q): Query<EventsQ>) -> R {
+async fn event_stream(State(m): S, caller: crate::auth::Caller, Query(q): Query<EventsQ>) -> R {
     const OP: &str = "event.stream";
     // Subscribe before replaying so nothing falls between the two.
     let rx = m.events.subscribe();
@@ -615,10 +774,11 @@ async fn event_stream(State(m): S, Query(q): Query<EventsQ>) -> R {
             .event(e.kind.clone())
             .json_data(e)
     };
+    let replay: Vec<EventView> = replay.into_iter().filter(|e| caller.may(e.vm_id)).collect();
     let head = futures_util::stream::iter(replay.into_iter().map(move |e| to_sse(&e)));
     let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |r| {
         let out = match r {
-            Ok(e) if e.seq > last => Some(to_sse(&e)),
+            Ok(e) if e.seq > last && caller.may(e.vm_id) => Some(to_sse(&e)),
             _ => None,
         };
         async move { out }
@@ -644,8 +804,10 @@ async fn fallback(uri: axum::http::Uri) -> ApiError {
     }
 }
 
-pub fn router(m: Arc<Manager>) -> Router {
-    Router::new()
+/// The whole API; every route is behind the authorization layer (crate::auth).
+pub fn router(m: Arc<Manager>, auth: Arc<crate::auth::Auth>) -> Router {
+    let ctx = crate::auth::Ctx { m: m.clone(), auth };
+    let app = Router::new()
         .route("/host", get(host_view).patch(host_set))
         .route("/host/actions/shutdown", post(host_shutdown))
         .route("/vms", get(vm_list).post(vm_create))
@@ -672,7 +834,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/events/stream", get(event_stream))
         .route("/openapi.json", get(openapi))
         .fallback(fallback)
-        .with_state(m)
+        .with_state(m);
+    crate::auth::protect(app, ctx)
 }
 
 /// The OpenAPI 3.0 document: paths from [`OPERATIONS`], schemas from the model types.
@@ -710,6 +873,7 @@ pub fn openapi_document() -> serde_json::Value {
         ),
         add("VmState", gen.subschema_for::<VmState>()),
     ];
+    schemas.extend(crate::auth::openapi_schemas(&mut gen));
     let mut components = Map::new();
     for (k, v) in gen.take_definitions() {
         components.insert(k, serde_json::to_value(v).unwrap_or(Value::Null));
@@ -757,7 +921,9 @@ pub fn openapi_document() -> serde_json::Value {
                 json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}),
             ),
         };
-        let ok_code = if o.name == "vm.create" { "201" } else { ok.0 };
+        let created =
+            o.name == "vm.create" || o.name.starts_with("auth.") && o.name.ends_with(".create");
+        let ok_code = if created { "201" } else { ok.0 };
         responses.insert(ok_code.into(), ok.1);
         responses.insert("default".into(), error.clone());
         let mut op = json!({

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
+pub mod auth_store;
 pub mod client;
 pub mod db;
 pub mod events;
@@ -10,5 +12,6 @@ pub mod host;
 pub mod jobs;
 pub mod manager;
 pub mod server;
+pub mod tls;
 pub mod util;
 pub mod worker;

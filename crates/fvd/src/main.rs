@@ -15,7 +15,8 @@ struct Args {
     /// Runtime directory (API socket, per-VM sockets). Env: FV_RUNTIME_DIR.
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
-    /// Also serve the API on this TCP address (no authentication yet: use with care).
+    /// Also serve the API over TLS on this address (e.g. 0.0.0.0:8443); callers need an
+    /// API token. The self-signed certificate is made on first start in <state>/tls.
     #[arg(long)]
     listen_tcp: Option<String>,
     /// Ask the running fvd to apply every VM's automatic stop action and exit (host shutdown).

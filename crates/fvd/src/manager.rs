@@ -304,6 +304,7 @@ impl Manager {
             state_dir: self.paths.state_dir.clone(),
             runtime_dir: self.paths.runtime_dir.clone(),
             settings: s,
+            tls_fingerprint: crate::tls::fingerprint(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Running fvd: configuration, single-instance lock, the API listeners.
 use crate::manager::{Manager, Paths};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -64,8 +65,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let sock = cfg.runtime_dir.join(SOCKET_NAME);
     // We hold the state lock, so a socket file left here is stale.
     let _ = std::fs::remove_file(&sock);
+    let vm_ids: Vec<uuid::Uuid> = m.list().iter().map(|v| v.id).collect();
+    let auth = crate::auth::Auth::open(&cfg.state_dir, &vm_ids)?;
     let listener = tokio::net::UnixListener::bind(&sock)?;
-    let app = crate::api::router(m.clone());
+    // Any local user may connect: the authorization layer decides what they may do
+    // (by their peer credentials), and unassigned users are refused everything.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))?;
+    let app = crate::api::router(m.clone(), auth);
     tracing::info!("fvd listening on {}", sock.display());
     m.events.emit(
         "host.started",
@@ -75,14 +81,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None,
     );
     if let Some(addr) = &cfg.listen_tcp {
+        // TLS only: tokens must never cross the network in clear.
+        let (tls, fp) = crate::tls::load_or_create(&cfg.state_dir)?;
+        crate::tls::publish_fingerprint(&fp);
         let tcp = tokio::net::TcpListener::bind(addr).await?;
-        let app2 = app.clone();
-        tracing::warn!("fvd also listening on TCP {addr} (no authentication yet)");
-        tokio::spawn(async move {
-            let _ = axum::serve(tcp, app2).await;
-        });
+        let local = tcp.local_addr()?;
+        tracing::info!("fvd listening on TLS {local}; certificate SHA-256 fingerprint {fp}");
+        eprintln!("fvd: TLS API on {local}, certificate SHA-256 fingerprint {fp}");
+        tokio::spawn(crate::tls::serve(tcp, tls, app.clone()));
     }
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<crate::auth::Peer>(),
+        )
+        .await
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: fvd stops; VMs keep running"),

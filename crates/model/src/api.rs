@@ -92,6 +92,10 @@ pub struct HostView {
     pub state_dir: PathBuf,
     pub runtime_dir: PathBuf,
     pub settings: HostSettings,
+    /// SHA-256 fingerprint of the TLS listener's certificate (when `--listen-tcp`),
+    /// for remote callers to pin.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -380,7 +380,7 @@ impl Api {
         let line = format!("{op}: {msg}");
         Err(match r.status {
             400 | 422 => Usage(line).into(),
-            403 | 404 | 409 => Refused(line).into(),
+            401 | 403 | 404 | 409 => Refused(line).into(),
             _ => anyhow!(line),
         })
     }
@@ -983,6 +983,12 @@ fn run_host(api: &Api, cmd: HostCmd, out: OutputFormat) -> Result<()> {
                         format!("{} ({})", h.accel, h.accel_reason),
                     ],
                     vec!["cgroups".into(), h.cgroup.clone()],
+                    vec![
+                        "tls fingerprint".into(),
+                        h.tls_fingerprint
+                            .clone()
+                            .unwrap_or_else(|| "- (no TLS listener)".into()),
+                    ],
                     vec![
                         "vms".into(),
                         format!("{} ({} running)", h.vms, h.vms_running),

@@ -324,3 +324,18 @@ async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerEr
         Op::Stats => Ok(vm.stats()),
     }
 }
+        Op::SetIntegration { services, vm_name } => vm.set_integration(services, vm_name).await,
+        Op::Freeze { timeout_s } => vm.freeze(timeout_s).await,
+        Op::Thaw => vm.thaw().await,
+        Op::FreezeStatus => vm.freeze_status().await,
+        Op::SyncTime => vm.sync_time("requested").await,
+        Op::CopyFile {
+            src,
+            dest,
+            create_full_path,
+            overwrite,
+            token,
+        } => {
+            vm.copy_file(&src, &dest, create_full_path, overwrite, &token)
+                .await
+        }

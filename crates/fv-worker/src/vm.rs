@@ -1,5 +1,9 @@
 //! The VM state machine: QEMU process, QMP, guest agent, disks.
 
+// A child module so the integration services can use the VM's private state.
+#[path = "integration.rs"]
+pub mod integration;
+
 use crate::disks::{self, ServedDisk};
 use crate::qemu_cmd::{self, Paths};
 use anyhow::{anyhow, bail, Context, Result};
@@ -50,6 +54,12 @@ pub struct Vm {
     /// Tells main to exit (after the given delay).
     pub exit: watch::Sender<Option<Duration>>,
     cd_ids: Mutex<Vec<String>>,
+    /// Integration services (heartbeat, KVP, time sync, freeze) state.
+    integ: Mutex<integration::IntegState>,
+    /// Wakes the key-value exchange loop (guest ready, services changed).
+    kvp_kick: tokio::sync::Notify,
+    /// Serialises freeze and thaw.
+    freeze_lock: tokio::sync::Mutex<()>,
 }
 
 pub fn werr(code: ErrorCode, message: impl Into<String>) -> WorkerError {
@@ -67,6 +77,10 @@ impl Vm {
     pub fn new(spec: LaunchSpec) -> Arc<Vm> {
         let qga = Qga::new(spec.runtime_dir.join(qemu_cmd::QGA_SOCK));
         let (events, _) = broadcast::channel(64);
+        let integ = integration::IntegState::new(
+            spec.config.integration_services,
+            spec.config.name.clone(),
+        );
         Arc::new(Vm {
             spec,
             shared: Mutex::new(Shared {
@@ -89,6 +103,9 @@ impl Vm {
             qemu_exit: watch::channel(None).0,
             exit: watch::channel(None).0,
             cd_ids: Mutex::new(Vec::new()),
+            integ: Mutex::new(integ),
+            kvp_kick: tokio::sync::Notify::new(),
+            freeze_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -157,6 +174,10 @@ impl Vm {
     }
 
     pub fn status(&self) -> WorkerStatus {
+        let (heartbeat, guest, freeze, services) = {
+            let g = self.integ();
+            (g.heartbeat, g.guest.clone(), g.freeze, g.services)
+        };
         let s = self.lock();
         let com = self
             .spec
@@ -175,6 +196,10 @@ impl Vm {
             com_sockets: com,
             guest_agent_connected: s.agent_connected,
             macs: s.macs.clone(),
+            heartbeat,
+            guest,
+            freeze,
+            integration_services: services,
         }
     }
 
@@ -283,11 +308,17 @@ impl Vm {
         }
         if let Some(dir) = restore {
             self.restore(&qmp, &dir).await?;
+            // The guest clock stopped at save time: set it once the agent answers.
+            self.integ().time_sync_pending = true;
         }
         qmp.cont().await?;
         self.set_state(VmState::Running, None);
         let me = self.clone();
         tokio::spawn(async move { me.probe_agent().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.heartbeat_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.kvp_loop().await });
         Ok(())
     }
 
@@ -382,7 +413,7 @@ impl Vm {
             let ok = self.qga.ping(Duration::from_secs(2)).await.is_ok();
             let was = std::mem::replace(&mut self.lock().agent_connected, ok);
             if ok && !was {
-                self.emit(Event::GuestReady);
+                self.on_guest_ready();
                 return;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -402,6 +433,7 @@ impl Vm {
                 "RESET" => {
                     // Guest reboot: the agent restarts with it.
                     self.lock().agent_connected = false;
+                    self.integration_reset();
                     self.qga.disconnect().await;
                     let me = self.clone();
                     tokio::spawn(async move { me.probe_agent().await });
@@ -511,17 +543,19 @@ impl Vm {
             return Err(self.invalid("pause"));
         }
         self.qmp()?.stop().await.map_err(qerr)?;
+        self.note_paused();
         self.set_state(VmState::Paused, None);
         Ok(Value::Null)
     }
 
-    pub async fn resume(&self) -> Result<Value, WorkerError> {
+    pub async fn resume(self: &Arc<Self>) -> Result<Value, WorkerError> {
         let _g = self.op_guard("resume")?;
         if self.state() != VmState::Paused {
             return Err(self.invalid("resume"));
         }
         self.qmp()?.cont().await.map_err(qerr)?;
         self.set_state(VmState::Running, None);
+        self.note_resumed();
         Ok(Value::Null)
     }
 
@@ -547,6 +581,8 @@ impl Vm {
         ) {
             return Err(self.invalid("turn off"));
         }
+        // Pointless for a VM about to lose power, but a freeze must not outlive us.
+        self.thaw_if_frozen("turn off").await;
         self.lock().exit_expected = true;
         self.set_state(VmState::Stopping, Some("turning off".into()));
         if let Ok(q) = self.qmp() {
@@ -568,7 +604,11 @@ impl Vm {
             return Err(self.invalid("shut down"));
         }
         let qmp = self.qmp()?;
-        let method = if self.qga.ping(Duration::from_secs(2)).await.is_ok() {
+        // A frozen guest cannot flush its filesystems on the way down.
+        self.thaw_if_frozen("shut down").await;
+        // The shutdown integration service withdrawn: only the ACPI power button.
+        let use_agent = self.services().shutdown;
+        let method = if use_agent && self.qga.ping(Duration::from_secs(2)).await.is_ok() {
             match self.qga.shutdown("powerdown", Duration::from_secs(2)).await {
                 Ok(()) => "agent",
                 Err(e) => {
@@ -611,6 +651,8 @@ impl Vm {
         }
         let qmp = self.qmp()?;
         let dir = qemu_cmd::resolve(&self.spec.vm_dir, dir);
+        // A saved frozen guest would stay frozen after restore (the thaw timer is gone).
+        self.thaw_if_frozen("save").await;
         self.set_state(VmState::Saving, None);
         match self.do_save(&qmp, &dir, before).await {
             Ok(v) => {
@@ -767,7 +809,7 @@ impl Vm {
         Ok(Value::Null)
     }
 
-    pub async fn guest_ping(&self) -> Result<Value, WorkerError> {
+    pub async fn guest_ping(self: &Arc<Self>) -> Result<Value, WorkerError> {
         if !matches!(self.state(), VmState::Running | VmState::Stopping) {
             return Err(self.invalid("ping the guest"));
         }
@@ -776,7 +818,7 @@ impl Vm {
             Ok(()) => {
                 let newly = !std::mem::replace(&mut self.lock().agent_connected, true);
                 if newly {
-                    self.emit(Event::GuestReady);
+                    self.on_guest_ready();
                 }
                 Ok(json!({ "latency_ms": t.elapsed().as_millis() as u64 }))
             }

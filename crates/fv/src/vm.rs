@@ -4,6 +4,8 @@
 mod client;
 #[path = "vm_console.rs"]
 mod vm_console;
+#[path = "vm_copy.rs"]
+mod vm_copy;
 
 use self::client::{Client, HttpResponse};
 use crate::output::{emit, Refused, Usage};
@@ -82,6 +84,13 @@ pub struct HwArgs {
     initrd: Option<PathBuf>,
     #[arg(long)]
     cmdline: Option<String>,
+    /// Offer an integration service: heartbeat, shutdown, time_sync,
+    /// key_value_exchange, backup, guest_services (repeatable; allowed while running).
+    #[arg(long = "enable-integration", value_name = "SERVICE")]
+    enable_integration: Vec<String>,
+    /// Withdraw an integration service (repeatable; allowed while running).
+    #[arg(long = "disable-integration", value_name = "SERVICE")]
+    disable_integration: Vec<String>,
     /// Any other config field: KEY=JSON (e.g. --set 'com_ports=[true,true]').
     #[arg(long = "set", value_name = "KEY=JSON")]
     set: Vec<String>,
@@ -181,6 +190,33 @@ pub enum VmCmd {
         vm: String,
         #[arg(long, default_value_t = 1)]
         port: usize,
+    },
+    /// Freeze the guest's filesystems (backup integration service); they are
+    /// thawed at the latest after --timeout seconds.
+    Freeze {
+        vm: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Thaw the guest's filesystems.
+    Thaw {
+        vm: String,
+    },
+    /// Copy a local file into the guest (needs the guest_services integration service).
+    CopyFile {
+        vm: String,
+        /// Local file (read by fv with your permissions and sent to fvd).
+        src: PathBuf,
+        /// Absolute destination path in the guest.
+        dest: String,
+        /// Create missing folders of DEST.
+        #[arg(long)]
+        create_full_path: bool,
+        /// Replace DEST if it exists.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        w: WaitArgs,
     },
     /// Hard drives.
     Disk {
@@ -368,23 +404,30 @@ impl Api {
             .c
             .request(method, path, body.as_ref())
             .map_err(|e| anyhow!("{e}"))?;
-        if (200..300).contains(&r.status) {
-            return Ok(r);
-        }
-        let v = r.json();
-        let msg = v["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-        let op = v["operation"].as_str().unwrap_or("?");
-        let line = format!("{op}: {msg}");
-        Err(match r.status {
-            400 | 422 => Usage(line).into(),
-            401 | 403 | 404 | 409 => Refused(line).into(),
-            _ => anyhow!(line),
-        })
+        check(r)
     }
+}
 
+/// Non-2xx answers become errors with fvd's message and the exit-code class.
+fn check(r: HttpResponse) -> Result<HttpResponse> {
+    if (200..300).contains(&r.status) {
+        return Ok(r);
+    }
+    let v = r.json();
+    let msg = v["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    let op = v["operation"].as_str().unwrap_or("?");
+    let line = format!("{op}: {msg}");
+    Err(match r.status {
+        400 | 413 | 422 => Usage(line).into(),
+        401 | 403 | 404 | 409 => Refused(line).into(),
+        _ => anyhow!(line),
+    })
+}
+
+impl Api {
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let r = self.call("GET", path, None)?;
         serde_json::from_slice(&r.body)
@@ -452,6 +495,19 @@ impl Api {
             }
         }
     }
+}
+
+fn freeze_rows(st: &Value) -> Vec<Vec<String>> {
+    let frozen = st["frozen"].as_bool().unwrap_or(false);
+    let mut line = if frozen {
+        format!("frozen: {} filesystem(s)", st["filesystems"])
+    } else {
+        "thawed".to_string()
+    };
+    if let (true, Some(t)) = (frozen, st["thaw_deadline"].as_u64()) {
+        line.push_str(&format!(", thawed at the latest at {t} (Unix time)"));
+    }
+    vec![vec![line]]
 }
 
 fn job_rows(js: &[JobView]) -> Vec<Vec<String>> {
@@ -582,10 +638,100 @@ fn vm_detail(v: &VmView) -> Vec<Vec<String>> {
         }
     }
     rows.push(vec!["guest ready".into(), v.guest_ready.to_string()]);
+    integration_rows(v, &mut rows);
     if !c.notes.is_empty() {
         rows.push(vec!["notes".into(), c.notes.clone()]);
     }
     rows
+}
+
+fn unix_time(t: u64) -> String {
+    let ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().saturating_sub(t))
+        .unwrap_or(0);
+    format!("{ago} s ago")
+}
+
+/// Integration services: what is offered, heartbeat, freeze, and what the guest
+/// reports (OS, hostname, addresses per adapter matched by MAC).
+fn integration_rows(v: &VmView, rows: &mut Vec<Vec<String>>) {
+    let on: Vec<&str> = v
+        .config
+        .integration_services
+        .list()
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    rows.push(vec![
+        "integration".into(),
+        if on.is_empty() {
+            "(none)".into()
+        } else {
+            on.join(", ")
+        },
+    ]);
+    if let Some(h) = &v.heartbeat {
+        let last = h
+            .last_answer
+            .map(|t| format!(" (last answer {})", unix_time(t)))
+            .unwrap_or_default();
+        rows.push(vec!["heartbeat".into(), format!("{}{last}", h.status)]);
+    }
+    if let Some(f) = &v.freeze {
+        if f.frozen {
+            let until = f
+                .thaw_deadline
+                .map(|t| format!(", thawed by {t} at the latest"))
+                .unwrap_or_default();
+            rows.push(vec![
+                "filesystems".into(),
+                format!("frozen ({}{until})", f.filesystems),
+            ]);
+        }
+    }
+    let Some(g) = &v.guest else { return };
+    let os = [g.os_name.as_deref(), g.os_version.as_deref()]
+        .iter()
+        .flatten()
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !os.is_empty() {
+        rows.push(vec!["guest os".into(), os]);
+    }
+    if let Some(k) = &g.kernel_release {
+        rows.push(vec!["guest kernel".into(), k.clone()]);
+    }
+    if let Some(h) = &g.hostname {
+        rows.push(vec!["guest hostname".into(), h.clone()]);
+    }
+    for a in &g.adapters {
+        let nic = v.config.network_adapters.iter().find(|n| {
+            n.mac()
+                .zip(a.mac.as_deref())
+                .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
+        });
+        let label = match nic {
+            Some(n) => format!("ip {}", n.name),
+            None => format!("ip {} (guest)", a.name),
+        };
+        let ips: Vec<String> = a.ipv4.iter().chain(a.ipv6.iter()).cloned().collect();
+        rows.push(vec![
+            label,
+            format!(
+                "{} [{} {}]",
+                if ips.is_empty() {
+                    "-".into()
+                } else {
+                    ips.join(", ")
+                },
+                a.name,
+                a.mac.as_deref().unwrap_or("?")
+            ),
+        ]);
+    }
 }
 
 fn connection(s: &str) -> Result<Value> {
@@ -650,6 +796,24 @@ fn hw_patch(
         p.insert("direct_boot".into(), json!({"kernel": abs(k), "initrd": hw.initrd.as_deref().map(abs), "cmdline": hw.cmdline.clone().unwrap_or_default()}));
     } else if hw.initrd.is_some() || hw.cmdline.is_some() {
         return Err(Usage("--initrd/--cmdline need --kernel".into()).into());
+    }
+    if !hw.enable_integration.is_empty() || !hw.disable_integration.is_empty() {
+        let mut is = cur.map(|c| c.integration_services).unwrap_or_default();
+        for (names, on) in [
+            (&hw.enable_integration, true),
+            (&hw.disable_integration, false),
+        ] {
+            for n in names {
+                if !is.set(n, on) {
+                    return Err(Usage(format!(
+                        "unknown integration service {n:?}: use {}",
+                        fv_model::IntegrationServices::NAMES.join(", ")
+                    ))
+                    .into());
+                }
+            }
+        }
+        p.insert("integration_services".into(), json!(is));
     }
     for s in &hw.set {
         let (k, v) = s
@@ -805,6 +969,36 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
             )?);
         }
         VmCmd::Console { vm, port } => vm_console::run(&api.vm(&vm)?, port)?,
+        VmCmd::Freeze { vm, timeout } => {
+            let st: Value = api.send(
+                "POST",
+                &format!("/vms/{}/actions/freeze", enc(&vm)),
+                Some(json!({ "timeout_s": timeout })),
+            )?;
+            emit(out, &st, || freeze_rows(&st));
+        }
+        VmCmd::Thaw { vm } => {
+            let st: Value = api.send("POST", &format!("/vms/{}/actions/thaw", enc(&vm)), None)?;
+            emit(out, &st, || freeze_rows(&st));
+        }
+        VmCmd::CopyFile {
+            vm,
+            src,
+            dest,
+            create_full_path,
+            overwrite,
+            w,
+        } => {
+            let path = format!(
+                "/vms/{}/actions/copy-file?dest={}&create_full_path={create_full_path}&overwrite={overwrite}",
+                enc(&vm),
+                enc(&dest)
+            );
+            let tty =
+                out == OutputFormat::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let r = check(vm_copy::upload(&api.c.socket, &path, &src, tty)?)?;
+            api.job(r, !w.no_wait, out)?;
+        }
         VmCmd::Disk { cmd } => match cmd {
             DiskCmd::Add {
                 vm,

@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+// Integration-service handlers (freeze/thaw, copy-file).
+#[path = "api_integration.rs"]
+mod integration_api;
+
 /// One API operation. `name` is stable (errors, events, the authorization table);
 /// `authorization` is the Hyper-V operation it falls under.
 #[derive(Debug, Clone, Copy)]
@@ -261,6 +265,43 @@ pub const OPERATIONS: &[Operation] = &[
         Resp::Json("VmView"),
         "Remove a network adapter (VM Off); its dynamic MAC returns to the pool"
     ),
+    // Integration services (api_integration.rs).
+    op!(
+        "vm.freeze",
+        "post",
+        "/vms/{id}/actions/freeze",
+        "backup_vm",
+        Some("FreezeRequest"),
+        Resp::Json("FreezeStatus"),
+        "Freeze the guest's filesystems (backup integration service); thawed at the latest after timeout_s"
+    ),
+    op!(
+        "vm.thaw",
+        "post",
+        "/vms/{id}/actions/thaw",
+        "backup_vm",
+        None,
+        Resp::Json("FreezeStatus"),
+        "Thaw the guest's filesystems"
+    ),
+    op!(
+        "vm.freeze_status",
+        "get",
+        "/vms/{id}/freeze",
+        "view_vm_configuration",
+        None,
+        Resp::Json("FreezeStatus"),
+        "Whether the guest's filesystems are frozen"
+    ),
+    op!(
+        "vm.copy_file",
+        "post",
+        "/vms/{id}/actions/copy-file",
+        "copy_file_to_vm",
+        Some("OctetStream"),
+        Resp::Job,
+        "Copy the body (application/octet-stream) to ?dest=PATH in the guest (&create_full_path=true, &overwrite=true); needs guest services"
+    ),
     op!(
         "job.list",
         "get",
@@ -492,6 +533,11 @@ fn err(op: &'static str) -> impl Fn(MgrError) -> ApiError {
             | MgrError::MacPoolExhausted(_) => StatusCode::CONFLICT,
             MgrError::BadRequest(_) => StatusCode::BAD_REQUEST,
             MgrError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            MgrError::GuestAgentUnavailable(_) | MgrError::ServiceDisabled(_) => {
+                StatusCode::CONFLICT
+            }
+            MgrError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            MgrError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let state = match &e {
             MgrError::InvalidState { state, .. } => Some(*state),
@@ -819,6 +865,13 @@ pub fn router(m: Arc<Manager>, auth: Arc<crate::auth::Auth>) -> Router {
         .route("/vms/{id}/actions/reset", post(vm_reset))
         .route("/vms/{id}/actions/save", post(vm_save))
         .route("/vms/{id}/actions/discard-saved-state", post(vm_discard))
+        .route("/vms/{id}/actions/freeze", post(integration_api::vm_freeze))
+        .route("/vms/{id}/actions/thaw", post(integration_api::vm_thaw))
+        .route("/vms/{id}/freeze", get(integration_api::vm_freeze_status))
+        .route(
+            "/vms/{id}/actions/copy-file",
+            post(integration_api::vm_copy_file),
+        )
         .route("/vms/{id}/disks", get(disk_list).post(disk_add))
         .route("/vms/{id}/disks/{disk}", axum::routing::delete(disk_remove))
         .route("/vms/{id}/dvd", axum::routing::put(dvd_set))
@@ -872,6 +925,8 @@ pub fn openapi_document() -> serde_json::Value {
             gen.subschema_for::<fv_model::NetworkAdapter>(),
         ),
         add("VmState", gen.subschema_for::<VmState>()),
+        add("FreezeRequest", gen.subschema_for::<FreezeRequest>()),
+        add("FreezeStatus", gen.subschema_for::<FreezeStatus>()),
     ];
     schemas.extend(crate::auth::openapi_schemas(&mut gen));
     let mut components = Map::new();
@@ -935,6 +990,9 @@ pub fn openapi_document() -> serde_json::Value {
         });
         if let Some(r) = o.request {
             op["requestBody"] = json!({"required": o.name != "vm.stop", "content": {"application/json": {"schema": sref(r)}}});
+            if r == "OctetStream" {
+                op["requestBody"] = json!({"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
+            }
         }
         let entry = paths.entry(o.path.to_string()).or_insert_with(|| json!({}));
         entry[o.method] = op;

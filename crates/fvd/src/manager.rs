@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+// Integration services (freeze/thaw, copy-file, worker integration events).
+#[path = "integration.rs"]
+mod integration;
+
 /// An error of a manager operation, mapped to an HTTP status by the API layer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MgrError {
@@ -40,6 +44,17 @@ pub enum MgrError {
     MacPoolExhausted(String),
     #[error("{0}")]
     Internal(String),
+    /// No guest agent (or the backup service is withdrawn): application-consistent
+    /// operations cannot run.
+    #[error("{0}")]
+    GuestAgentUnavailable(String),
+    /// The integration service an operation needs is withdrawn for the VM.
+    #[error("{0}")]
+    ServiceDisabled(String),
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl MgrError {
@@ -52,6 +67,10 @@ impl MgrError {
             MgrError::Admission(_) => "admission_refused",
             MgrError::MacPoolExhausted(_) => "mac_pool_exhausted",
             MgrError::Internal(_) => "internal",
+            MgrError::GuestAgentUnavailable(_) => "guest_agent_unavailable",
+            MgrError::ServiceDisabled(_) => "integration_service_disabled",
+            MgrError::InsufficientStorage(_) => "insufficient_storage",
+            MgrError::TooLarge(_) => "payload_too_large",
         }
     }
 }
@@ -94,6 +113,8 @@ struct Vm {
     shutdown_timed_out: bool,
     /// Job to which SaveProgress events are reported.
     progress_job: Option<JobHandle>,
+    /// Copy-file jobs by the token their CopyProgress events carry.
+    copy_jobs: HashMap<String, JobHandle>,
 }
 
 impl Vm {
@@ -156,6 +177,8 @@ const HW_EDITABLE_WHEN_ON: &[&str] = &[
 ];
 
 fn read_config(path: &Path) -> std::result::Result<VmConfig, String> {
+    // Pushed to the running worker (SetIntegration).
+    "integration_services",
     let s = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&s).map_err(|e| format!("cannot parse {}: {e}", path.display()))
@@ -366,6 +389,10 @@ impl Manager {
             com_sockets: com,
             guest_ready: vm.guest_ready,
             accel: if vm.worker.is_some() {
+        let live = match &vm.status {
+            Some((s, _)) if vm.worker.is_some() => Some(s),
+            _ => None,
+        };
                 vm.accel.clone()
             } else {
                 None
@@ -394,6 +421,9 @@ impl Manager {
 
     fn set_state(&self, id: Uuid, state: VmState, reason: Option<String>) {
         let mut vms = self.vms.lock();
+            heartbeat: live.map(|s| s.heartbeat),
+            guest: live.and_then(|s| s.guest.clone()),
+            freeze: live.map(|s| s.freeze),
         let Some(vm) = vms.get_mut(&id) else { return };
         self.set_state_locked(vm, state, reason);
     }
@@ -690,13 +720,20 @@ impl Manager {
             format!("VM {:?} reconfigured", vm.config.name),
             None,
         );
-        Ok(self.view_of(vm))
+        let view = self.view_of(vm);
+        drop(vms);
+        if push {
+            self.push_integration(id);
+        }
+        Ok(view)
     }
 
     pub fn config_of(&self, id: Uuid) -> Result<(VmConfig, VmState)> {
         let vms = self.vms.lock();
         let vm = vms
             .get(&id)
+        let push = vm.worker.is_some()
+            && (old.integration_services != c.integration_services || old.name != c.name);
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
         Ok((vm.config.clone(), vm.row.state))
     }
@@ -1250,6 +1287,8 @@ impl Manager {
             .stderr(log2)
             .spawn()
             .map_err(|e| {
+            host_name: util::hostname(),
+            integration_tuning: Default::default(),
                 MgrError::Internal(format!(
                     "cannot run {}: {e}",
                     self.paths.worker_bin.display()
@@ -1863,6 +1902,13 @@ impl Manager {
                         }
                     }
                     self.changed.send_modify(|n| *n += 1);
+                WorkerMsg::Event(
+                    e @ (Event::HeartbeatChanged { .. }
+                    | Event::TimeSynced { .. }
+                    | Event::Frozen { .. }
+                    | Event::Thawed { .. }
+                    | Event::CopyProgress { .. }),
+                ) => self.integration_event(vm, e),
                 }
             }
         }
@@ -2221,3 +2267,4 @@ impl Vm {
         }
     }
 }
+            copy_jobs: HashMap::new(),

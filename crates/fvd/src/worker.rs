@@ -58,6 +58,12 @@ fn op_name(op: &Op) -> &'static str {
         Op::ChangeMedia { .. } => "change_media",
         Op::GuestPing => "guest_ping",
         Op::Stats => "stats",
+        Op::SetIntegration { .. } => "set_integration",
+        Op::Freeze { .. } => "freeze",
+        Op::Thaw => "thaw",
+        Op::FreezeStatus => "freeze_status",
+        Op::SyncTime => "sync_time",
+        Op::CopyFile { .. } => "copy_file",
     }
 }
 

@@ -144,8 +144,104 @@ pub struct NicRequest {
     pub connection: Option<NicConnection>,
 }
 
+    /// Heartbeat integration service, while running.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatView>,
+    /// What the guest reports through key-value exchange, while running.
+    #[serde(default)]
+    pub guest: Option<GuestInfo>,
+    /// Filesystem freeze (backup integration service), while running.
+    #[serde(default)]
+    pub freeze: Option<FreezeStatus>,
+}
+
+/// VM health as seen by the heartbeat integration service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HeartbeatStatus {
+    Ok,
+    /// The guest has not answered since the VM started (or was reset).
+    #[default]
+    NoContact,
+    /// The guest answered before, and now misses consecutive heartbeats.
+    LostCommunication,
+    /// The heartbeat service is withdrawn for this VM.
+    Disabled,
 /// Body of `PATCH /vms/{id}/nics/{nic}`: change connection or MAC (MAC only when Off).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl std::fmt::Display for HeartbeatStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeartbeatStatus::Ok => "ok",
+            HeartbeatStatus::NoContact => "no_contact",
+            HeartbeatStatus::LostCommunication => "lost_communication",
+            HeartbeatStatus::Disabled => "disabled",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct HeartbeatView {
+    pub status: HeartbeatStatus,
+    /// When the guest last answered (Unix seconds).
+    pub last_answer: Option<u64>,
+}
+
+/// Guest facts from key-value exchange (guest-get-osinfo, -host-name,
+/// -network-get-interfaces). Reported by the guest: informative, never trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct GuestInfo {
+    pub os_name: Option<String>,
+    pub os_version: Option<String>,
+    pub kernel_release: Option<String>,
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub adapters: Vec<GuestAdapter>,
+    /// When this was read from the guest (Unix seconds).
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct GuestAdapter {
+    /// Lower-case, colon-separated; matches the VM's network adapter MAC.
+    pub mac: Option<String>,
+    /// The guest's interface name (e.g. eth0).
+    pub name: String,
+    #[serde(default)]
+    pub ipv4: Vec<String>,
+    #[serde(default)]
+    pub ipv6: Vec<String>,
+}
+
+/// Filesystem freeze state (backup integration service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct FreezeStatus {
+    pub frozen: bool,
+    /// Filesystems frozen by the last freeze.
+    pub filesystems: u64,
+    /// When the worker thaws by itself (Unix seconds), while frozen.
+    pub thaw_deadline: Option<u64>,
+}
+
+/// Body of `POST /vms/{id}/actions/freeze`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct FreezeRequest {
+    /// Seconds until the filesystems are thawed even without a thaw call
+    /// (default 60, at most 600).
+    pub timeout_s: Option<u64>,
+}
+
+pub const FREEZE_DEFAULT_TIMEOUT_S: u64 = 60;
+pub const FREEZE_MAX_TIMEOUT_S: u64 = 600;
+/// Largest file `copy-file` accepts.
+pub const COPY_FILE_MAX_BYTES: u64 = 4 << 30;
+
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NicPatch {
     pub name: Option<String>,

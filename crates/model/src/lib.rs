@@ -206,6 +206,91 @@ pub struct VmConfig {
     /// Direct kernel boot (tests and appliance images): kernel, initrd, command line.
     #[serde(default)]
     pub direct_boot: Option<DirectBoot>,
+    /// Which integration services are offered to the guest (through qemu-guest-agent).
+    #[serde(default)]
+    pub integration_services: IntegrationServices,
+}
+
+/// Hyper-V's integration services, each offered (true) or withdrawn (false). All run
+/// through qemu-guest-agent on a virtio-serial channel; a withdrawn service is simply
+/// not used by the worker. Missing fields take Hyper-V's defaults, so older configs load.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct IntegrationServices {
+    /// Periodic guest-ping; VM health shows ok / no contact / lost communication.
+    #[serde(default = "yes")]
+    pub heartbeat: bool,
+    /// Graceful shut down through the agent (withdrawn: ACPI power button only).
+    #[serde(default = "yes")]
+    pub shutdown: bool,
+    /// Set the guest clock from the host after restore and after long pauses.
+    #[serde(default = "yes")]
+    pub time_sync: bool,
+    /// Guest OS/hostname/IP addresses to the host; host and VM names to the guest.
+    #[serde(default = "yes")]
+    pub key_value_exchange: bool,
+    /// Filesystem freeze/thaw for application-consistent checkpoints and backups.
+    #[serde(default = "yes")]
+    pub backup: bool,
+    /// Hyper-V's "Guest Service Interface": copying files into the guest. Off by default.
+    #[serde(default)]
+    pub guest_services: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for IntegrationServices {
+    fn default() -> Self {
+        IntegrationServices {
+            heartbeat: true,
+            shutdown: true,
+            time_sync: true,
+            key_value_exchange: true,
+            backup: true,
+            guest_services: false,
+        }
+    }
+}
+
+impl IntegrationServices {
+    /// Service names as used in the config and on the command line.
+    pub const NAMES: [&'static str; 6] = [
+        "heartbeat",
+        "shutdown",
+        "time_sync",
+        "key_value_exchange",
+        "backup",
+        "guest_services",
+    ];
+
+    /// Offer (`on`) or withdraw one service by name; false for an unknown name.
+    pub fn set(&mut self, name: &str, on: bool) -> bool {
+        let f = match name {
+            "heartbeat" => &mut self.heartbeat,
+            "shutdown" => &mut self.shutdown,
+            "time_sync" => &mut self.time_sync,
+            "key_value_exchange" | "kvp" => &mut self.key_value_exchange,
+            "backup" => &mut self.backup,
+            "guest_services" => &mut self.guest_services,
+            _ => return false,
+        };
+        *f = on;
+        true
+    }
+
+    /// (name, offered) in a stable order.
+    pub fn list(&self) -> [(&'static str, bool); 6] {
+        [
+            ("heartbeat", self.heartbeat),
+            ("shutdown", self.shutdown),
+            ("time_sync", self.time_sync),
+            ("key_value_exchange", self.key_value_exchange),
+            ("backup", self.backup),
+            ("guest_services", self.guest_services),
+        ]
+    }
 }
 
 fn default_com() -> [bool; 2] {
@@ -268,6 +353,7 @@ impl VmConfig {
             automatic_start_delay_s: 0,
             automatic_stop_action: AutomaticStopAction::default(),
             direct_boot: None,
+            integration_services: IntegrationServices::default(),
         }
     }
 
@@ -354,6 +440,18 @@ mod tests {
             path: None,
         });
         assert!(g2.validate().is_err());
+    }
+
+    #[test]
+    fn integration_services_default_for_old_configs() {
+        let c = VmConfig::new("a", Generation::Gen1);
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("integration_services");
+        let d: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(d.integration_services, IntegrationServices::default());
+        assert!(!d.integration_services.guest_services);
+        let p: IntegrationServices = serde_json::from_str(r#"{"heartbeat": false}"#).unwrap();
+        assert!(!p.heartbeat && p.backup && !p.guest_services);
     }
 }
 

@@ -387,6 +387,29 @@ impl Qga {
         Ok((data, v.get("eof").and_then(Value::as_bool).unwrap_or(false)))
     }
 
+    /// Move the file position (`whence`: "set", "cur" or "end"); returns the new position.
+    pub async fn file_seek(
+        &self,
+        handle: i64,
+        offset: i64,
+        whence: &str,
+        timeout: Duration,
+    ) -> Result<u64> {
+        let v = self
+            .call(
+                "guest-file-seek",
+                Some(json!({"handle": handle, "offset": offset, "whence": whence})),
+                timeout,
+            )
+            .await?;
+        v.get("position")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QgaError::BadReply {
+                command: "guest-file-seek".into(),
+                detail: v.to_string(),
+            })
+    }
+
     pub async fn file_close(&self, handle: i64, timeout: Duration) -> Result<()> {
         self.call(
             "guest-file-close",

@@ -7,7 +7,8 @@
 //! re-attaches after a restart simply by connecting again.
 #![forbid(unsafe_code)]
 
-use fv_model::VmState;
+use fv_model::api::{FreezeStatus, GuestInfo, HeartbeatStatus, HeartbeatView};
+use fv_model::{IntegrationServices, VmState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -68,6 +69,37 @@ pub enum Op {
     GuestPing,
     /// Memory and CPU statistics of the worker and QEMU.
     Stats,
+    /// Replace the offered integration services (and the VM name published to the
+    /// guest) while running.
+    SetIntegration {
+        services: IntegrationServices,
+        #[serde(default)]
+        vm_name: Option<String>,
+    },
+    /// Freeze the guest's filesystems; they are thawed at the latest after
+    /// `timeout_s`. Answers `{filesystems, thaw_deadline}`.
+    Freeze {
+        timeout_s: u64,
+    },
+    /// Thaw the guest's filesystems. Answers `{filesystems}`.
+    Thaw,
+    /// Answers a `FreezeStatus` (the guest agent's view when it answers).
+    FreezeStatus,
+    /// Set the guest clock from the host now (time synchronisation service).
+    SyncTime,
+    /// Copy the host file `src` (spooled by fvd into the runtime dir) to `dest` in the
+    /// guest. Progress arrives as `CopyProgress { token }` events; the answer comes
+    /// when done: `{bytes}`.
+    CopyFile {
+        src: PathBuf,
+        dest: String,
+        #[serde(default)]
+        create_full_path: bool,
+        #[serde(default)]
+        overwrite: bool,
+        #[serde(default)]
+        token: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +152,16 @@ pub struct WorkerStatus {
     pub guest_agent_connected: bool,
     /// MACs actually in use, per adapter in config order.
     pub macs: Vec<String>,
+    #[serde(default)]
+    pub heartbeat: HeartbeatView,
+    /// Key-value exchange: the guest's last report.
+    #[serde(default)]
+    pub guest: Option<GuestInfo>,
+    #[serde(default)]
+    pub freeze: FreezeStatus,
+    /// The services the worker currently offers.
+    #[serde(default)]
+    pub integration_services: IntegrationServices,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +189,31 @@ pub enum Event {
     Warning {
         message: String,
     },
+    /// Heartbeat status changed (never changes the VM state).
+    HeartbeatChanged {
+        status: HeartbeatStatus,
+        last_answer: Option<u64>,
+    },
+    /// The guest clock was set from the host; `correction_ms` = host - guest before.
+    TimeSynced {
+        reason: String,
+        guest_before_ns: i64,
+        host_ns: i64,
+        correction_ms: i64,
+    },
+    Frozen {
+        filesystems: u64,
+        thaw_deadline: u64,
+    },
+    /// `reason`: "requested", "timeout", "save", "shut down", "turn off", ...
+    Thawed {
+        filesystems: u64,
+        reason: String,
+    },
+    CopyProgress {
+        token: String,
+        percent: u8,
+    },
 }
 
 /// Arguments fvd passes when launching a worker (as a JSON file, `--launch FILE`).
@@ -169,6 +236,39 @@ pub struct LaunchSpec {
     pub qemu_gid: Option<u32>,
     /// Directories differencing parents may live in.
     pub allowed_disk_dirs: Vec<PathBuf>,
+    /// The host's name, published to the guest by key-value exchange.
+    #[serde(default)]
+    pub host_name: String,
+    /// Integration service timings (tests shorten them).
+    #[serde(default)]
+    pub integration_tuning: IntegrationTuning,
+}
+
+/// Timings of the integration services.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct IntegrationTuning {
+    /// Heartbeat: ping interval and per-ping timeout.
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// Consecutive missed pings after which communication counts as lost.
+    pub heartbeat_misses: u32,
+    /// Key-value exchange: how often guest facts are re-read.
+    pub kvp_interval_ms: u64,
+    /// Resume after a pause longer than this sets the guest clock.
+    pub time_sync_after_pause_ms: u64,
+}
+
+impl Default for IntegrationTuning {
+    fn default() -> Self {
+        IntegrationTuning {
+            heartbeat_interval_ms: 5000,
+            heartbeat_timeout_ms: 2000,
+            heartbeat_misses: 2,
+            kvp_interval_ms: 10_000,
+            time_sync_after_pause_ms: 10_000,
+        }
+    }
 }
 
 /// Encode one message as a line.

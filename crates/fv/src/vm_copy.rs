@@ -19,13 +19,25 @@ pub fn upload(socket: &Path, path: &str, file: &Path, show_progress: bool) -> Re
         return Err(anyhow!("{} is not a regular file", file.display()));
     }
     let len = meta.len();
+    // The JSON client (client.rs) also speaks TLS to a remote fvd; this streaming
+    // upload only knows the local socket so far.
+    if std::env::var_os("FV_URL").is_some_and(|u| !u.is_empty()) {
+        return Err(anyhow!(
+            "copy-file to a remote fvd (FV_URL) is not supported yet; run it on the host"
+        ));
+    }
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot reach fvd at {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(3600)))?;
-    let head = format!(
+    let mut head = format!(
         "POST {path} HTTP/1.1\r\nHost: fvd\r\nConnection: close\r\nAccept: application/json\r\n\
-         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n"
     );
+    // Same credential as the JSON client sends on the socket.
+    if let Some(t) = std::env::var("FV_TOKEN").ok().filter(|t| !t.is_empty()) {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
     let bar = if show_progress {
         let b = indicatif::ProgressBar::new(len);

@@ -3,6 +3,7 @@
 //!
 //! Usage: `fv-worker --launch SPEC.json [--no-setsid]`
 
+mod confine;
 mod disks;
 mod qemu_cmd;
 mod vm;
@@ -91,17 +92,43 @@ fn real_main() -> Result<()> {
         format!("{}\n", std::process::id()),
     )?;
 
+    // Before any thread exists (Landlock restricts the calling thread and what it
+    // creates later) and before any disk is opened for writing.
+    let confinement = if spec.confine {
+        let grants = confine::grants(&spec);
+        tracing::info!("confine: {grants:?}");
+        if is_root() {
+            confine::drop_capabilities()?;
+        }
+        match confine::apply(&spec, &grants)? {
+            confine::Enforcement::Full => None,
+            e => Some(format!(
+                "per-VM confinement only {e:?} (kernel lacks Landlock features): this VM's worker may open other VMs' files"
+            )),
+        }
+    } else {
+        Some("per-VM confinement is off for this VM (launch spec confine=false)".to_string())
+    };
+    if let Some(w) = &confinement {
+        tracing::warn!("{w}");
+    }
+
     // One thread for all control-plane work keeps the worker small; disk I/O runs
     // on the vhost-user threads.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(run(spec.clone()));
+    let result = rt.block_on(run(spec.clone(), confinement));
     let _ = std::fs::remove_file(spec.runtime_dir.join(SOCKET_NAME));
     let _ = std::fs::remove_file(spec.runtime_dir.join(PID_NAME));
     tracing::info!("fv-worker exiting");
     drop(rt);
     result
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn init_logging(spec: &LaunchSpec) -> Result<()> {
@@ -124,11 +151,14 @@ fn init_logging(spec: &LaunchSpec) -> Result<()> {
     Ok(())
 }
 
-async fn run(spec: LaunchSpec) -> Result<()> {
+async fn run(spec: LaunchSpec, confinement_warning: Option<String>) -> Result<()> {
     let sock = spec.runtime_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
     let vm = Vm::new(spec);
+    if let Some(message) = confinement_warning {
+        vm.emit(fv_worker_proto::Event::Warning { message });
+    }
     let mut exit_rx = vm.exit.subscribe();
 
     let acceptor = {
@@ -322,8 +352,6 @@ async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerEr
         Op::ChangeMedia { dvd_index, path } => vm.change_media(dvd_index, path.as_deref()).await,
         Op::GuestPing => vm.guest_ping().await,
         Op::Stats => Ok(vm.stats()),
-    }
-}
         Op::SetIntegration { services, vm_name } => vm.set_integration(services, vm_name).await,
         Op::Freeze { timeout_s } => vm.freeze(timeout_s).await,
         Op::Thaw => vm.thaw().await,
@@ -339,3 +367,5 @@ async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerEr
             vm.copy_file(&src, &dest, create_full_path, overwrite, &token)
                 .await
         }
+    }
+}

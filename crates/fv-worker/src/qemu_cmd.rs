@@ -438,6 +438,8 @@ mod tests {
             qemu_uid: None,
             qemu_gid: None,
             allowed_disk_dirs: vec![],
+            confine: false,
+            media_dirs: vec![],
             host_name: String::new(),
             integration_tuning: Default::default(),
         }

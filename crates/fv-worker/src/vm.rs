@@ -802,7 +802,19 @@ impl Vm {
                 }
                 qmp.blockdev_change_medium(&id, s, "raw", true)
                     .await
-                    .map_err(qerr)?;
+                    .map_err(|e| {
+                        let mut w = qerr(e);
+                        // Landlock (confine.rs) or the per-VM uid said no: say where
+                        // media may come from instead of a bare EACCES.
+                        if w.message.contains("Permission denied") {
+                            w.message.push_str(
+                                " (a running VM can insert media only from its own folder, \
+                                 the host's media folders, or the folders of the media \
+                                 it started with)",
+                            );
+                        }
+                        w
+                    })?;
             }
             None => qmp.eject(&id).await.map_err(qerr)?,
         }
@@ -884,7 +896,11 @@ pub fn proc_stats(pid: u32) -> Value {
 }
 
 fn chown_for_qemu(runtime: &Path, uid: u32, gid: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(runtime, Some(uid), gid)?;
+    // Only this VM's QEMU (and root) may enter: other VMs' QEMUs, which run under
+    // other uids, cannot reach our QMP, agent, console or disk sockets.
+    std::fs::set_permissions(runtime, std::fs::Permissions::from_mode(0o700))?;
     for e in std::fs::read_dir(runtime)? {
         let p = e?.path();
         if p.file_name()

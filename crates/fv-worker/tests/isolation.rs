@@ -76,7 +76,10 @@ fn insert(c: &mut Client, path: &Path) -> Result<serde_json::Value, serde_json::
 
 #[test]
 fn a_vm_cannot_open_another_vms_disk() {
-    let media = tempfile::Builder::new().prefix("fvw-media").tempdir().unwrap();
+    let media = tempfile::Builder::new()
+        .prefix("fvw-media")
+        .tempdir()
+        .unwrap();
     chmod(media.path(), 0o755);
     let iso = media.path().join("shared.iso");
     std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
@@ -98,6 +101,13 @@ fn a_vm_cannot_open_another_vms_disk() {
     let (ua, ub) = (uid_of(_wa.qemu_pid), uid_of(_wb.qemu_pid));
     assert_eq!(ua, "1500000101");
     assert_eq!(ub, "1500000102");
+
+    // B's runtime dir (its QMP, agent, console and disk sockets) is closed to
+    // everyone but B's QEMU uid (and root).
+    let meta = std::fs::metadata(b.run_dir.path()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.uid(), 1_500_000_102);
+    assert_eq!(meta.mode() & 0o777, 0o700);
 
     // What A may use: media in its own folder and in the host's media folders.
     insert(&mut ca, &a_own).expect("own folder media");

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS vms (
     state_reason TEXT, saved_dir TEXT, was_running INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS mac_allocations (
     mac TEXT PRIMARY KEY, vm_id TEXT NOT NULL, nic_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vm_uids (slot INTEGER PRIMARY KEY, vm_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT, body TEXT NOT NULL);
@@ -153,8 +154,50 @@ impl Db {
             "DELETE FROM mac_allocations WHERE vm_id=?1",
             params![id.to_string()],
         )?;
+        tx.execute(
+            "DELETE FROM vm_uids WHERE vm_id=?1",
+            params![id.to_string()],
+        )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The VM's isolation slot (its QEMU runs as uid base + slot): the one it was
+    /// given at first start, else the lowest free one. None when `range` is used up.
+    pub fn vm_uid_slot(&self, vm: Uuid, range: u32) -> Result<Option<u32>> {
+        let mut c = self.conn.lock();
+        let tx = c.transaction()?;
+        let have: Option<u32> = tx
+            .query_row(
+                "SELECT slot FROM vm_uids WHERE vm_id=?1",
+                params![vm.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if have.is_some() {
+            return Ok(have);
+        }
+        // Lowest slot not taken: 0 if free, else the first gap after a taken slot.
+        let free: Option<u32> = tx
+            .query_row(
+                "SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM vm_uids WHERE slot=0)
+                 UNION ALL
+                 SELECT MIN(a.slot + 1) FROM vm_uids a
+                 WHERE NOT EXISTS (SELECT 1 FROM vm_uids b WHERE b.slot = a.slot + 1)
+                 LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .filter(|s| *s < range);
+        if let Some(slot) = free {
+            tx.execute(
+                "INSERT INTO vm_uids(slot, vm_id) VALUES(?1, ?2)",
+                params![slot, vm.to_string()],
+            )?;
+            tx.commit()?;
+        }
+        Ok(free)
     }
 
     /// All allocated dynamic MACs: (mac, vm, nic).
@@ -262,5 +305,29 @@ impl Db {
             out.push(e);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_uid_slots_are_kept_reused_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let db = Db::open(&d.path().join("t.db")).unwrap();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(db.vm_uid_slot(a, 3).unwrap(), Some(0));
+        assert_eq!(db.vm_uid_slot(b, 3).unwrap(), Some(1));
+        // Kept: asking again gives the same slot.
+        assert_eq!(db.vm_uid_slot(a, 3).unwrap(), Some(0));
+        assert_eq!(db.vm_uid_slot(c, 3).unwrap(), Some(2));
+        assert_eq!(db.vm_uid_slot(Uuid::new_v4(), 3).unwrap(), None);
+        // Released with the registration, then handed out again (lowest first).
+        db.delete_vm(a).unwrap();
+        let e = Uuid::new_v4();
+        assert_eq!(db.vm_uid_slot(e, 3).unwrap(), Some(0));
+        db.delete_vm(b).unwrap();
+        assert_eq!(db.vm_uid_slot(Uuid::new_v4(), 3).unwrap(), Some(1));
     }
 }

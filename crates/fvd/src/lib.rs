@@ -14,4 +14,5 @@ pub mod manager;
 pub mod server;
 pub mod tls;
 pub mod util;
+pub mod vm_peers;
 pub mod worker;

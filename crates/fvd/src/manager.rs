@@ -165,6 +165,9 @@ fn default_settings(state_dir: &Path) -> HostSettings {
         accel: AccelSetting::Auto,
         recovery_action: RecoveryAction::RestartOnce,
         shutdown_timeout_s: 120,
+        vm_isolation: true,
+        vm_uid_base: fv_model::api::DEFAULT_VM_UID_BASE,
+        media_folders: vec![state_dir.join("media")],
     }
 }
 
@@ -174,11 +177,11 @@ const HW_EDITABLE_WHEN_ON: &[&str] = &[
     "automatic_start_action",
     "automatic_start_delay_s",
     "automatic_stop_action",
+    // Pushed to the running worker (SetIntegration).
+    "integration_services",
 ];
 
 fn read_config(path: &Path) -> std::result::Result<VmConfig, String> {
-    // Pushed to the running worker (SetIntegration).
-    "integration_services",
     let s = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&s).map_err(|e| format!("cannot parse {}: {e}", path.display()))
@@ -281,6 +284,27 @@ impl Manager {
         if let Some(v) = p.shutdown_timeout_s {
             s.shutdown_timeout_s = v;
         }
+        if let Some(v) = p.vm_isolation {
+            s.vm_isolation = v;
+        }
+        if let Some(v) = p.vm_uid_base {
+            if v < 65536 || v.checked_add(fv_model::api::VM_UID_RANGE).is_none() {
+                return Err(MgrError::BadRequest(format!(
+                    "vm_uid_base must leave room for {} uids above 65535",
+                    fv_model::api::VM_UID_RANGE
+                )));
+            }
+            s.vm_uid_base = v;
+        }
+        if let Some(v) = p.media_folders {
+            if let Some(bad) = v.iter().find(|p| !p.is_absolute()) {
+                return Err(MgrError::BadRequest(format!(
+                    "media folder {} is not an absolute path",
+                    bad.display()
+                )));
+            }
+            s.media_folders = v;
+        }
         let start = host::parse_mac(&s.mac_pool_start).unwrap_or(0);
         if start + s.mac_pool_size as u64 > 1 << 48 {
             return Err(MgrError::BadRequest(
@@ -365,6 +389,10 @@ impl Manager {
     }
 
     fn view_of(&self, vm: &Vm) -> VmView {
+        let live = match &vm.status {
+            Some((s, _)) if vm.worker.is_some() => Some(s),
+            _ => None,
+        };
         let (worker_pid, qemu_pid, uptime, com) = match &vm.status {
             Some((s, at)) if vm.worker.is_some() => (
                 Some(s.worker_pid),
@@ -389,14 +417,13 @@ impl Manager {
             com_sockets: com,
             guest_ready: vm.guest_ready,
             accel: if vm.worker.is_some() {
-        let live = match &vm.status {
-            Some((s, _)) if vm.worker.is_some() => Some(s),
-            _ => None,
-        };
                 vm.accel.clone()
             } else {
                 None
             },
+            heartbeat: live.map(|s| s.heartbeat),
+            guest: live.and_then(|s| s.guest.clone()),
+            freeze: live.map(|s| s.freeze),
         }
     }
 
@@ -421,9 +448,6 @@ impl Manager {
 
     fn set_state(&self, id: Uuid, state: VmState, reason: Option<String>) {
         let mut vms = self.vms.lock();
-            heartbeat: live.map(|s| s.heartbeat),
-            guest: live.and_then(|s| s.guest.clone()),
-            freeze: live.map(|s| s.freeze),
         let Some(vm) = vms.get_mut(&id) else { return };
         self.set_state_locked(vm, state, reason);
     }
@@ -703,6 +727,8 @@ impl Manager {
             }
         }
         write_config(&vm.row.config_path, &c)?;
+        let push = vm.worker.is_some()
+            && (old.integration_services != c.integration_services || old.name != c.name);
         if old.name != c.name {
             self.events.emit(
                 "vm.renamed",
@@ -732,8 +758,6 @@ impl Manager {
         let vms = self.vms.lock();
         let vm = vms
             .get(&id)
-        let push = vm.worker.is_some()
-            && (old.integration_services != c.integration_services || old.name != c.name);
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
         Ok((vm.config.clone(), vm.row.state))
     }
@@ -1235,6 +1259,24 @@ impl Manager {
                 }
             }
         }
+        // Each VM's QEMU gets a uid (and private gid) of its own, kept for the VM's
+        // life, so one VM's QEMU cannot touch another's processes or files.
+        let qemu_uid = if s.vm_isolation {
+            let slot = self
+                .db
+                .vm_uid_slot(id, fv_model::api::VM_UID_RANGE)
+                .map_err(internal)?
+                .ok_or_else(|| {
+                    MgrError::Admission(format!(
+                        "no free per-VM uid in {}..{} (host setting vm_uid_base)",
+                        s.vm_uid_base,
+                        s.vm_uid_base.saturating_add(fv_model::api::VM_UID_RANGE)
+                    ))
+                })?;
+            Some(s.vm_uid_base.saturating_add(slot))
+        } else {
+            None
+        };
         let spec = LaunchSpec {
             config: config.clone(),
             vm_dir: vm_dir.clone(),
@@ -1242,9 +1284,13 @@ impl Manager {
             restore_from: restore.clone(),
             accel: accel.clone(),
             qemu_binary: self.paths.qemu_binary.clone(),
-            qemu_uid: None,
-            qemu_gid: None,
+            qemu_uid,
+            qemu_gid: qemu_uid,
             allowed_disk_dirs: allowed,
+            confine: s.vm_isolation,
+            media_dirs: s.media_folders.clone(),
+            host_name: util::hostname(),
+            integration_tuning: Default::default(),
         };
         let launch = rt.join("launch.json");
         util::atomic_write(
@@ -1287,8 +1333,6 @@ impl Manager {
             .stderr(log2)
             .spawn()
             .map_err(|e| {
-            host_name: util::hostname(),
-            integration_tuning: Default::default(),
                 MgrError::Internal(format!(
                     "cannot run {}: {e}",
                     self.paths.worker_bin.display()
@@ -1858,6 +1902,13 @@ impl Manager {
                     );
                     self.changed.send_modify(|n| *n += 1);
                 }
+                WorkerMsg::Event(
+                    e @ (Event::HeartbeatChanged { .. }
+                    | Event::TimeSynced { .. }
+                    | Event::Frozen { .. }
+                    | Event::Thawed { .. }
+                    | Event::CopyProgress { .. }),
+                ) => self.integration_event(vm, e),
                 WorkerMsg::Event(Event::Warning { message }) => {
                     self.events.emit(
                         "vm.warning",
@@ -1902,13 +1953,6 @@ impl Manager {
                         }
                     }
                     self.changed.send_modify(|n| *n += 1);
-                WorkerMsg::Event(
-                    e @ (Event::HeartbeatChanged { .. }
-                    | Event::TimeSynced { .. }
-                    | Event::Frozen { .. }
-                    | Event::Thawed { .. }
-                    | Event::CopyProgress { .. }),
-                ) => self.integration_event(vm, e),
                 }
             }
         }
@@ -2264,7 +2308,7 @@ impl Vm {
             last_recovery: None,
             shutdown_timed_out: false,
             progress_job: None,
+            copy_jobs: HashMap::new(),
         }
     }
 }
-            copy_jobs: HashMap::new(),

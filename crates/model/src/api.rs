@@ -50,6 +50,29 @@ pub struct HostSettings {
     pub recovery_action: RecoveryAction,
     /// Seconds a graceful shut down may take before the job fails (or turns off with --force).
     pub shutdown_timeout_s: u64,
+    /// Run each VM's worker confined to that VM's files (Landlock) and its QEMU
+    /// under a uid of its own. Off only for debugging.
+    #[serde(default = "default_true")]
+    pub vm_isolation: bool,
+    /// First uid (and gid) of the per-VM range; VM n runs QEMU as base + n.
+    #[serde(default = "default_vm_uid_base")]
+    pub vm_uid_base: u32,
+    /// Folders DVD media may be inserted from while a VM runs (beside the VM's own folder).
+    #[serde(default)]
+    pub media_folders: Vec<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Above the ranges distributions and container tools hand out (subuids start at 100000).
+pub const DEFAULT_VM_UID_BASE: u32 = 1_500_000_000;
+/// Size of the per-VM uid range.
+pub const VM_UID_RANGE: u32 = 1 << 20;
+
+fn default_vm_uid_base() -> u32 {
+    DEFAULT_VM_UID_BASE
 }
 
 /// Partial update of [`HostSettings`]; absent fields are left unchanged.
@@ -65,6 +88,9 @@ pub struct HostSettingsPatch {
     pub accel: Option<AccelSetting>,
     pub recovery_action: Option<RecoveryAction>,
     pub shutdown_timeout_s: Option<u64>,
+    pub vm_isolation: Option<bool>,
+    pub vm_uid_base: Option<u32>,
+    pub media_folders: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,32 +144,6 @@ pub struct VmView {
     pub com_sockets: Vec<Option<PathBuf>>,
     pub guest_ready: bool,
     pub accel: Option<String>,
-}
-
-/// Body of `POST /vms`. Any other [`VmConfig`] field may be given too (it is merged onto
-/// the defaults of the generation); `id` and `version` are chosen by fvd.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-pub struct NewVmRequest {
-    pub name: String,
-    pub generation: Option<crate::Generation>,
-    /// Folder for this VM (default: `<host vm_folder>/<id>`).
-    pub vm_dir: Option<PathBuf>,
-    #[serde(flatten)]
-    pub config: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Body of `POST /vms/{id}/nics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-pub struct NicRequest {
-    pub name: Option<String>,
-    pub kind: Option<NicKind>,
-    /// A static MAC; absent for a dynamic one from the host pool.
-    pub static_mac: Option<String>,
-    pub connection: Option<NicConnection>,
-}
-
     /// Heartbeat integration service, while running.
     #[serde(default)]
     pub heartbeat: Option<HeartbeatView>,
@@ -168,8 +168,8 @@ pub enum HeartbeatStatus {
     LostCommunication,
     /// The heartbeat service is withdrawn for this VM.
     Disabled,
-/// Body of `PATCH /vms/{id}/nics/{nic}`: change connection or MAC (MAC only when Off).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+}
+
 impl std::fmt::Display for HeartbeatStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -242,6 +242,32 @@ pub const FREEZE_MAX_TIMEOUT_S: u64 = 600;
 /// Largest file `copy-file` accepts.
 pub const COPY_FILE_MAX_BYTES: u64 = 4 << 30;
 
+/// Body of `POST /vms`. Any other [`VmConfig`] field may be given too (it is merged onto
+/// the defaults of the generation); `id` and `version` are chosen by fvd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct NewVmRequest {
+    pub name: String,
+    pub generation: Option<crate::Generation>,
+    /// Folder for this VM (default: `<host vm_folder>/<id>`).
+    pub vm_dir: Option<PathBuf>,
+    #[serde(flatten)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Body of `POST /vms/{id}/nics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct NicRequest {
+    pub name: Option<String>,
+    pub kind: Option<NicKind>,
+    /// A static MAC; absent for a dynamic one from the host pool.
+    pub static_mac: Option<String>,
+    pub connection: Option<NicConnection>,
+}
+
+/// Body of `PATCH /vms/{id}/nics/{nic}`: change connection or MAC (MAC only when Off).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NicPatch {
     pub name: Option<String>,

@@ -236,6 +236,14 @@ pub struct LaunchSpec {
     pub qemu_gid: Option<u32>,
     /// Directories differencing parents may live in.
     pub allowed_disk_dirs: Vec<PathBuf>,
+    /// Confine the worker (and so its QEMU) to this VM's files with Landlock before
+    /// it opens anything (see fv-worker's confine.rs). Off only for debugging.
+    #[serde(default = "default_true")]
+    pub confine: bool,
+    /// Folders DVD media may be inserted from while the VM runs (read-only), beside
+    /// the VM folder and the folders of the media present at start.
+    #[serde(default)]
+    pub media_dirs: Vec<PathBuf>,
     /// The host's name, published to the guest by key-value exchange.
     #[serde(default)]
     pub host_name: String,
@@ -269,6 +277,10 @@ impl Default for IntegrationTuning {
             time_sync_after_pause_ms: 10_000,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Encode one message as a line.

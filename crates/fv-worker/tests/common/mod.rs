@@ -109,6 +109,8 @@ impl Vm {
             qemu_uid: None,
             qemu_gid: None,
             allowed_disk_dirs: vec![],
+            confine: true,
+            media_dirs: vec![],
             host_name: String::new(),
             integration_tuning: Default::default(),
         }

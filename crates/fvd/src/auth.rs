@@ -642,9 +642,8 @@ pub fn openapi_schemas(
 
 type R = Result<Response, Response>;
 
-fn parse<T: serde::de::DeserializeOwned>(op: &str, b: &axum::body::Bytes) -> Result<T, Response> {
-    serde_json::from_slice(b)
-        .map_err(|e| AuthError::BadRequest(format!("request body: {e}")).respond(op))
+fn parse<T: serde::de::DeserializeOwned>(b: &axum::body::Bytes) -> Result<T, AuthError> {
+    serde_json::from_slice(b).map_err(|e| AuthError::BadRequest(format!("request body: {e}")))
 }
 
 fn created<T: Serialize>(v: &T, target: String) -> Response {
@@ -653,7 +652,7 @@ fn created<T: Serialize>(v: &T, target: String) -> Response {
     r
 }
 
-fn valid_name(op: &str, what: &str, n: &str) -> Result<(), Response> {
+fn valid_name(what: &str, n: &str) -> Result<(), AuthError> {
     if n.is_empty()
         || n.len() > 64
         || n == GLOBAL_SCOPE
@@ -661,8 +660,7 @@ fn valid_name(op: &str, what: &str, n: &str) -> Result<(), Response> {
     {
         return Err(AuthError::BadRequest(format!(
             "{what} name {n:?}: 1-64 characters, no '/', control characters or '*' alone"
-        ))
-        .respond(op));
+        )));
     }
     Ok(())
 }
@@ -694,8 +692,8 @@ async fn role_view_h(State(c): State<Ctx>, Path(name): Path<String>) -> R {
 
 async fn role_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
     const OP: &str = "auth.role.create";
-    let req: NewRoleRequest = parse(OP, &b)?;
-    valid_name(OP, "role", &req.name)?;
+    let req: NewRoleRequest = parse(&b).map_err(|e| e.respond(OP))?;
+    valid_name("role", &req.name).map_err(|e| e.respond(OP))?;
     let r = c
         .auth
         .mutate(|p| {
@@ -740,8 +738,8 @@ async fn scope_list(State(c): State<Ctx>) -> R {
 
 async fn scope_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
     const OP: &str = "auth.scope.create";
-    let req: NewScopeRequest = parse(OP, &b)?;
-    valid_name(OP, "scope", &req.name)?;
+    let req: NewScopeRequest = parse(&b).map_err(|e| e.respond(OP))?;
+    valid_name("scope", &req.name).map_err(|e| e.respond(OP))?;
     c.auth
         .mutate(|p| Ok(p.add_scope(&req.name)?))
         .map_err(|e| e.respond(OP))?;
@@ -781,7 +779,7 @@ async fn vm_scope_set(
     let id =
         c.m.resolve(&id)
             .map_err(|e| AuthError::NotFound(e.to_string()).respond(OP))?;
-    let req: SetScopeRequest = parse(OP, &b)?;
+    let req: SetScopeRequest = parse(&b).map_err(|e| e.respond(OP))?;
     if !c.auth.read(|p| p.scopes.contains(&req.scope)) {
         return Err(AuthError::Authz(AuthzError::UnknownScope(req.scope)).respond(OP));
     }
@@ -799,8 +797,8 @@ async fn vm_scope_set(
     Ok(r)
 }
 
-fn parse_principal(op: &str, s: &str, p: &Policy) -> Result<Principal, Response> {
-    let bad = |m: String| AuthError::BadRequest(m).respond(op);
+fn parse_principal(s: &str, p: &Policy) -> Result<Principal, AuthError> {
+    let bad = AuthError::BadRequest;
     match s.split_once(':') {
         Some(("uid", n)) => n
             .parse()
@@ -810,13 +808,13 @@ fn parse_principal(op: &str, s: &str, p: &Policy) -> Result<Principal, Response>
             Ok(Some(u)) => Ok(Principal::Unix {
                 uid: u.uid.as_raw(),
             }),
-            _ => Err(AuthError::NotFound(format!("no local user {name:?}")).respond(op)),
+            _ => Err(AuthError::NotFound(format!("no local user {name:?}"))),
         },
         Some(("token", id)) => {
             if p.tokens.contains_key(id) {
                 Ok(Principal::Token { id: id.to_string() })
             } else {
-                Err(AuthError::NotFound(format!("no token {id:?}")).respond(op))
+                Err(AuthError::NotFound(format!("no token {id:?}")))
             }
         }
         _ => Err(bad(format!(
@@ -842,8 +840,11 @@ async fn assignment_list(State(c): State<Ctx>) -> R {
 
 async fn assignment_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
     const OP: &str = "auth.assignment.create";
-    let req: NewAssignmentRequest = parse(OP, &b)?;
-    let principal = c.auth.read(|p| parse_principal(OP, &req.principal, p))?;
+    let req: NewAssignmentRequest = parse(&b).map_err(|e| e.respond(OP))?;
+    let principal = c
+        .auth
+        .read(|p| parse_principal(&req.principal, p))
+        .map_err(|e| e.respond(OP))?;
     c.auth
         .mutate(|p| Ok(p.assign(principal.clone(), &req.role, &req.scope)?))
         .map_err(|e| e.respond(OP))?;
@@ -872,7 +873,10 @@ async fn assignment_delete(State(c): State<Ctx>, Query(q): Query<AssignmentQ>) -
         )
         .respond(OP));
     };
-    let principal = c.auth.read(|p| parse_principal(OP, &pr, p))?;
+    let principal = c
+        .auth
+        .read(|p| parse_principal(&pr, p))
+        .map_err(|e| e.respond(OP))?;
     let a = fv_authz::Assignment {
         principal,
         role,
@@ -918,8 +922,8 @@ async fn token_list(State(c): State<Ctx>) -> R {
 
 async fn token_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
     const OP: &str = "auth.token.create";
-    let req: NewTokenRequest = parse(OP, &b)?;
-    valid_name(OP, "token", &req.name)?;
+    let req: NewTokenRequest = parse(&b).map_err(|e| e.respond(OP))?;
+    valid_name("token", &req.name).map_err(|e| e.respond(OP))?;
     let now = unix_now();
     let expires_at = match req.expires_in_s {
         Some(s) => Some(now.checked_add(s).ok_or_else(|| {
@@ -967,7 +971,7 @@ async fn settings_view(State(c): State<Ctx>) -> R {
 
 async fn settings_set(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
     const OP: &str = "auth.settings.set";
-    let req: AuthSettingsPatch = parse(OP, &b)?;
+    let req: AuthSettingsPatch = parse(&b).map_err(|e| e.respond(OP))?;
     let v = c
         .auth
         .mutate(|p| {

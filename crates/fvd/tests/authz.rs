@@ -222,10 +222,7 @@ impl Drop for Srv {
 fn dechunk(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = raw;
-    loop {
-        let Some(i) = rest.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
         let n = usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap_or("0").trim(), 16)
             .unwrap_or(0);
         if n == 0 || rest.len() < i + 2 + n {

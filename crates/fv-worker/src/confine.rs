@@ -26,8 +26,8 @@
 use anyhow::{Context, Result};
 use fv_worker_proto::LaunchSpec;
 use landlock::{
-    path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
+    path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    Scope, ABI,
 };
 use std::path::{Path, PathBuf};
 
@@ -158,7 +158,10 @@ pub fn apply(spec: &LaunchSpec, g: &Grants) -> Result<Enforcement> {
         .context("landlock: create ruleset")?
         .add_rules(path_beneath_rules(&g.read_write_dirs, all))
         .context("landlock: VM folders")?
-        .add_rules(path_beneath_rules(&g.read_write_files, file_rw & !AccessFs::Execute))
+        .add_rules(path_beneath_rules(
+            &g.read_write_files,
+            file_rw & !AccessFs::Execute,
+        ))
         .context("landlock: disk images")?
         .add_rules(path_beneath_rules(&g.read_only, read_no_exec))
         .context("landlock: read-only paths")?

@@ -6,7 +6,12 @@ use std::path::Path;
 
 /// True when `pid` (from SO_PEERCRED) is a VM's worker, or a child of one (its
 /// QEMU), or `uid` lies in the per-VM uid range.
-pub fn is_vm_process(runtime_dir: &Path, pid: Option<i32>, uid: u32, uid_range: (u32, u32)) -> bool {
+pub fn is_vm_process(
+    runtime_dir: &Path,
+    pid: Option<i32>,
+    uid: u32,
+    uid_range: (u32, u32),
+) -> bool {
     if uid >= uid_range.0 && uid < uid_range.1 {
         return true;
     }
@@ -51,12 +56,25 @@ mod tests {
         // Pretend we are a worker: then we and our children are VM processes.
         std::fs::write(vm.join(fv_worker_proto::PID_NAME), format!("{me}\n")).unwrap();
         assert!(is_vm_process(rt.path(), Some(me), 0, (10, 20)));
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        assert!(is_vm_process(rt.path(), Some(child.id() as i32), 0, (10, 20)));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(is_vm_process(
+            rt.path(),
+            Some(child.id() as i32),
+            0,
+            (10, 20)
+        ));
         let _ = child.kill();
         let _ = child.wait();
         // The per-VM uid range alone suffices.
         assert!(is_vm_process(Path::new("/nonexistent"), None, 15, (10, 20)));
-        assert!(!is_vm_process(Path::new("/nonexistent"), None, 20, (10, 20)));
+        assert!(!is_vm_process(
+            Path::new("/nonexistent"),
+            None,
+            20,
+            (10, 20)
+        ));
     }
 }

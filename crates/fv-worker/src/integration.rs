@@ -377,13 +377,13 @@ impl Vm {
             ("VirtualMachineName", &name),
             ("VirtualMachineId", &id),
         ]);
-        let mut r = self.write_guest_file(KVP_POOL, &pool, None).await;
+        let mut r = self.write_guest_file(KVP_POOL, &pool).await;
         if r.is_err() {
             // Guests without Hyper-V's KVP daemon lack the directory; create it only
             // where the agent allows guest-exec.
             match self.guest_exec_allowed().await {
                 true => match self.guest_mkdir_p(KVP_DIR).await {
-                    Ok(()) => r = self.write_guest_file(KVP_POOL, &pool, None).await,
+                    Ok(()) => r = self.write_guest_file(KVP_POOL, &pool).await,
                     Err(e) => r = Err(e),
                 },
                 false => {
@@ -433,19 +433,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Write `data` to a guest file (truncating it); with `progress`, report percent.
-    async fn write_guest_file(
-        &self,
-        path: &str,
-        data: &[u8],
-        progress: Option<&str>,
-    ) -> Result<u64, WorkerError> {
+    /// Write `data` to a guest file (truncating it).
+    async fn write_guest_file(&self, path: &str, data: &[u8]) -> Result<u64, WorkerError> {
         let h = self
             .qga
             .file_open(path, "w", QUERY_TIMEOUT)
             .await
             .map_err(agent_err)?;
-        let r = self.write_chunks(h, data, progress).await;
+        let mut r = Ok(0);
+        for chunk in data.chunks(COPY_CHUNK) {
+            match self.write_chunk(h, chunk).await {
+                Ok(n) => r = r.map(|d| d + n),
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
         let c = self
             .qga
             .file_close(h, QUERY_TIMEOUT)
@@ -454,30 +458,6 @@ impl Vm {
         let n = r?;
         c?;
         Ok(n)
-    }
-
-    async fn write_chunks(
-        &self,
-        h: i64,
-        data: &[u8],
-        progress: Option<&str>,
-    ) -> Result<u64, WorkerError> {
-        let mut done = 0u64;
-        let mut last = 0u8;
-        for chunk in data.chunks(COPY_CHUNK) {
-            done += self.write_chunk(h, chunk).await?;
-            if let Some(token) = progress {
-                let p = (done * 100 / data.len().max(1) as u64) as u8;
-                if p > last {
-                    last = p;
-                    self.emit(Event::CopyProgress {
-                        token: token.to_string(),
-                        percent: p,
-                    });
-                }
-            }
-        }
-        Ok(done)
     }
 
     async fn write_chunk(&self, h: i64, chunk: &[u8]) -> Result<u64, WorkerError> {
@@ -583,6 +563,8 @@ impl Vm {
     }
 
     pub async fn freeze(self: &Arc<Self>, timeout_s: u64) -> Result<Value, WorkerError> {
+        // fvd allows 1-600 s; a freeze must never be unbounded whoever asks.
+        let timeout_s = timeout_s.clamp(1, 3600);
         let _g = self.freeze_lock.lock().await;
         self.check_backup_available().await?;
         if self.integ().freeze.frozen {
@@ -726,7 +708,13 @@ impl Vm {
         }
         // fvd's spool file lives in our runtime dir; nothing else is read.
         let src = crate::qemu_cmd::resolve(&self.spec.runtime_dir, src);
-        if !src.starts_with(&self.spec.runtime_dir) {
+        let escapes = src.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::RootDir
+            )
+        });
+        if escapes || src.parent() != Some(self.spec.runtime_dir.as_path()) {
             return Err(werr(
                 ErrorCode::BadRequest,
                 "the source must be in the VM's runtime directory",

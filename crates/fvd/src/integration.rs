@@ -174,7 +174,7 @@ impl Manager {
                 )));
             }
             if let Ok(fs) = nix::sys::statvfs::statvfs(&dir) {
-                let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
                 if n > free {
                     return Err(MgrError::InsufficientStorage(format!(
                         "{} has {free} bytes free; the file needs {n}",

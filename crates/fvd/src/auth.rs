@@ -311,6 +311,15 @@ fn authenticate(
     }
 }
 
+/// A worker runs as uid 0 and would be Administrator; its QEMU runs in the per-VM
+/// uid range. Neither may call fvd (a compromised VM must not manage the host), with
+/// or without a token. Landlock does not cover connecting to the socket, so we check.
+fn is_vm_peer(ctx: &Ctx, uid: u32, pid: Option<i32>) -> bool {
+    let base = ctx.m.settings().vm_uid_base;
+    let range = (base, base.saturating_add(fv_model::api::VM_UID_RANGE));
+    crate::vm_peers::is_vm_process(&ctx.m.paths.runtime_dir, pid, uid, range)
+}
+
 struct Target {
     /// The scope to check in; None = host-level (only the global scope covers it).
     scope: Option<String>,
@@ -434,6 +443,17 @@ pub async fn enforce(
         target: None,
     };
     let peer = req.extensions().get::<ConnectInfo<Peer>>().map(|c| &c.0);
+    if let Some(Peer::Unix { uid, pid, .. }) = peer {
+        if is_vm_peer(&ctx, *uid, *pid) {
+            rec.principal = Some(Principal::Unix { uid: *uid });
+            let why = format!(
+                "uid:{uid} (pid {}) may not perform {}: VM processes (workers, QEMU) may not use fvd's API",
+                pid.unwrap_or(0),
+                rec.operation
+            );
+            return ctx.refuse(&rec, StatusCode::FORBIDDEN, "forbidden", why);
+        }
+    }
     let principal = match authenticate(&ctx.auth, peer, req.headers()) {
         Ok(p) => p,
         Err(why) => return ctx.refuse(&rec, StatusCode::UNAUTHORIZED, "unauthenticated", why),

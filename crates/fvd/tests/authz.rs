@@ -542,6 +542,26 @@ fn revoked_and_expired_tokens_fail_at_once() {
     assert_forbidden(s, &v, "auth.token.list", "monitor tokens");
 }
 
+#[test]
+fn vm_processes_are_refused_even_as_root() {
+    let f = Srv::start(false);
+    let t = f.token("w", "Monitor", "*");
+    // Pose as a VM's worker: our pid in a worker.pid under the runtime dir.
+    let vm = f.run.path().join("vms").join("fake-vm");
+    std::fs::create_dir_all(&vm).unwrap();
+    let pidfile = vm.join("worker.pid");
+    std::fs::write(&pidfile, format!("{}\n", std::process::id())).unwrap();
+    let (s, v) = f.req(None, "GET", "/host", None);
+    assert_forbidden(s, &v, "host.view", "worker as root");
+    assert!(
+        v["message"].as_str().unwrap().contains("VM processes"),
+        "{v}"
+    );
+    assert_eq!(f.req(Some(&t), "GET", "/host", None).0, 403);
+    std::fs::remove_file(&pidfile).unwrap();
+    assert_eq!(f.req(Some(&t), "GET", "/host", None).0, 200);
+}
+
 fn curl_as(uid: u32, sock: &Path, method: &str, path: &str) -> (u16, String) {
     let o = Command::new("setpriv")
         .args([

@@ -638,6 +638,10 @@ fn audit_records_mutations_and_refusals() {
     assert_eq!(s, 403);
     let (s, _) = f.req(Some("bad.token"), "GET", "/host", None);
     assert_eq!(s, 401);
+    // A method/path pair that is not in the table is refused, even for root.
+    let (s, v) = f.req(None, "PUT", "/host", Some(json!({})));
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    assert_eq!(v["operation"], "api.route");
     // Plain reads are not audited.
     f.req(Some(&t), "GET", "/vms", None);
     let rows = f.ok("GET", "/audit?limit=100", None);

@@ -297,7 +297,10 @@ impl Vm {
             }
             let due = {
                 let g = self.integ();
-                g.services.key_value_exchange && !g.freeze.frozen
+                // No point asking an agent the heartbeat already found gone.
+                g.services.key_value_exchange
+                    && !g.freeze.frozen
+                    && g.heartbeat.status != HeartbeatStatus::LostCommunication
             } && self.state() == VmState::Running
                 && self.lock().agent_connected;
             if due {
@@ -309,6 +312,11 @@ impl Vm {
 
     async fn refresh_guest_info(&self) {
         let os = self.qga.osinfo(QUERY_TIMEOUT).await;
+        if let Err(QgaError::Unavailable(_) | QgaError::Timeout { .. }) = &os {
+            // The agent is not there: don't hold its channel for two more timeouts.
+            tracing::debug!("key-value exchange: the guest agent does not answer");
+            return;
+        }
         let host = self.qga.host_name(QUERY_TIMEOUT).await;
         let ifs = self.qga.network_interfaces(QUERY_TIMEOUT).await;
         if os.is_err() && host.is_err() && ifs.is_err() {

@@ -29,9 +29,11 @@ pub fn upload(socket: &Path, path: &str, file: &Path, show_progress: bool) -> Re
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot reach fvd at {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(3600)))?;
+    // `Expect: 100-continue`: fvd checks the request (VM, guest services, caller's
+    // rights) before it reads the body, so a refusal comes before any upload.
     let mut head = format!(
         "POST {path} HTTP/1.1\r\nHost: fvd\r\nConnection: close\r\nAccept: application/json\r\n\
-         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n"
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n"
     );
     // Same credential as the JSON client sends on the socket.
     if let Some(t) = std::env::var("FV_TOKEN").ok().filter(|t| !t.is_empty()) {
@@ -39,6 +41,37 @@ pub fn upload(socket: &Path, path: &str, file: &Path, show_progress: bool) -> Re
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
+    let mut r = BufReader::new(s.try_clone()?);
+    // A server that ignores Expect gets the body after a while anyway.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(_) if line.split_whitespace().nth(1) == Some("100") => {
+            // Skip the rest of the interim response.
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                    break;
+                }
+            }
+            line.clear();
+        }
+        Ok(_) => {
+            // A final answer before the body: a refusal.
+            s.set_read_timeout(Some(Duration::from_secs(3600)))?;
+            return read_response(&mut r, line);
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            line.clear();
+        }
+        Err(e) => return Err(e.into()),
+    }
+    s.set_read_timeout(Some(Duration::from_secs(3600)))?;
     let bar = if show_progress {
         let b = indicatif::ProgressBar::new(len);
         b.set_style(
@@ -53,9 +86,9 @@ pub fn upload(socket: &Path, path: &str, file: &Path, show_progress: bool) -> Re
     let mut reader = bar.wrap_read(f.take(len));
     let sent = std::io::copy(&mut reader, &mut s);
     bar.finish_and_clear();
-    // fvd may answer (and close) early, e.g. when it refuses the copy: read the
+    // fvd may answer (and close) early, e.g. when the spool disk is full: read the
     // answer whatever happened to the upload.
-    let resp = read_response(&mut s);
+    let resp = read_response(&mut r, line);
     match (sent, resp) {
         (_, Ok(r)) => Ok(r),
         (Err(e), Err(_)) => Err(anyhow!("sending {}: {e}", file.display())),
@@ -63,10 +96,11 @@ pub fn upload(socket: &Path, path: &str, file: &Path, show_progress: bool) -> Re
     }
 }
 
-fn read_response(s: &mut UnixStream) -> Result<HttpResponse> {
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
+/// The answer, given its status line if already read (else empty).
+fn read_response(r: &mut BufReader<UnixStream>, mut line: String) -> Result<HttpResponse> {
+    if line.is_empty() {
+        r.read_line(&mut line)?;
+    }
     let status = line
         .split_whitespace()
         .nth(1)

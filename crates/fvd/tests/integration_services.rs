@@ -200,6 +200,24 @@ fn kvp_copy_file_freeze_and_lost_agent_through_fvd() {
     assert!(kinds.iter().any(|k| k == "vm.thawed"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "vm.heartbeat.ok"), "{kinds:?}");
 
+    // Heartbeat withdrawn while running: health "disabled"; offered again: OK.
+    let (c, _, err) = fv(
+        &f,
+        &["vm", "set", "integ", "--disable-integration", "heartbeat"],
+    );
+    assert_eq!(c, 0, "{err}");
+    f.wait_vm(&id, Duration::from_secs(30), |v| {
+        v["heartbeat"]["status"] == "disabled"
+    });
+    let (c, _, err) = fv(
+        &f,
+        &["vm", "set", "integ", "--enable-integration", "heartbeat"],
+    );
+    assert_eq!(c, 0, "{err}");
+    f.wait_vm(&id, Duration::from_secs(30), |v| {
+        v["heartbeat"]["status"] == "ok"
+    });
+
     // The agent dies inside the guest: heartbeat lost (an event), VM still running,
     // application-consistent operations unavailable.
     let k = con.run(

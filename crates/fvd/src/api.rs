@@ -1002,10 +1002,14 @@ pub fn openapi_document() -> serde_json::Value {
         "info": {
             "title": "Ferrovisor fvd API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The host service's REST API, on the Unix socket <runtime>/fvd.sock. Long operations answer 202 with a job; errors are {code, message, operation}."
+            "description": "The host service's REST API, on the Unix socket <runtime>/fvd.sock (and over TLS with `fvd --listen-tcp`). Long operations answer 202 with a job; errors are {code, message, operation}. Every operation is authorized by its operationId against the caller's roles in the target's scope: callers are local users by their socket peer credentials, or API tokens (`Authorization: Bearer <id>.<secret>`, required over TLS). 401 `unauthenticated` names the reason; 403 `forbidden` names the missing operation. List operations return only what the caller may view."
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer", "description": "An API token `<id>.<secret>` from POST /auth/tokens"}},
+        },
+        "security": [{}, {"token": []}],
     }))
 }
 

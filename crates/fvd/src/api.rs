@@ -101,7 +101,7 @@ pub const OPERATIONS: &[Operation] = &[
         "create_vm",
         Some("NewVmRequest"),
         Resp::Json("VmView"),
-        "Create (register) a VM"
+        "Create (register) a VM; ?scope=NAME places it in that scope (and is authorized there)"
     ),
     op!(
         "vm.view",

@@ -324,9 +324,16 @@ struct Target {
     /// The scope to check in; None = host-level (only the global scope covers it).
     scope: Option<String>,
     label: Option<String>,
+    /// `vm.create` with `?scope=`: place the new VM there once it exists.
+    create_in: Option<String>,
 }
 
-fn resolve_target(ctx: &Ctx, op: &Operation, params: &[(String, String)]) -> Target {
+fn resolve_target(
+    ctx: &Ctx,
+    op: &Operation,
+    params: &[(String, String)],
+    uri: &axum::http::Uri,
+) -> Target {
     let default = || Some(DEFAULT_SCOPE.to_string());
     let scope_of = |id: Uuid| Some(ctx.auth.read(|p| p.scope_of(&id.to_string()).to_string()));
     if let Some((_, key)) = params.iter().find(|(k, _)| k == "id") {
@@ -338,11 +345,13 @@ fn resolve_target(ctx: &Ctx, op: &Operation, params: &[(String, String)]) -> Tar
                 Target {
                     scope: scope_of(id),
                     label: Some(format!("vm:{id} ({name})")),
+                    create_in: None,
                 }
             }
             Err(_) => Target {
                 scope: default(),
                 label: Some(format!("vm:{key}")),
+                create_in: None,
             },
         };
     }
@@ -353,23 +362,31 @@ fn resolve_target(ctx: &Ctx, op: &Operation, params: &[(String, String)]) -> Tar
                 // Host jobs (host.shutdown) are host-level.
                 scope: j.vm_id.and_then(scope_of),
                 label,
+                create_in: None,
             },
             None => Target {
                 scope: default(),
                 label,
+                create_in: None,
             },
         };
     }
     if op.name == "vm.create" {
-        // New VMs land in the default scope.
+        // New VMs land in the default scope, or in `?scope=NAME`: creating there is
+        // checked there, so a scope's administrators can add VMs to it.
+        let q: Option<Query<std::collections::HashMap<String, String>>> =
+            Query::try_from_uri(uri).ok();
+        let want = q.and_then(|q| q.0.get("scope").cloned());
         return Target {
-            scope: default(),
+            scope: want.clone().or_else(default),
             label: None,
+            create_in: want,
         };
     }
     Target {
         scope: None,
         label: params.first().map(|(k, v)| format!("{k}:{v}")),
+        create_in: None,
     }
 }
 
@@ -474,7 +491,7 @@ pub async fn enforce(
             .collect(),
         Err(_) => Vec::new(),
     };
-    let target = resolve_target(&ctx, op, &params);
+    let target = resolve_target(&ctx, op, &params, req.uri());
     rec.target = target.label.clone();
     let decision = ctx.auth.read(|p| {
         if LIST_OPERATIONS.contains(&op.name) {
@@ -499,8 +516,29 @@ pub async fn enforce(
         operation: op.name,
         auth: Some(ctx.auth.clone()),
     });
+    if let Some(sc) = &target.create_in {
+        if !ctx.auth.read(|p| p.scopes.contains(sc)) {
+            let why = format!("no scope {sc:?}");
+            return ctx.refuse(&rec, StatusCode::NOT_FOUND, "not_found", why);
+        }
+    }
     let resp = next.run(req).await;
     let status = resp.status();
+    if let (Some(sc), StatusCode::CREATED) = (&target.create_in, status) {
+        let id = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| l.strip_prefix("/vms/"))
+            .map(str::to_string);
+        if let Some(id) = id {
+            // The VM exists now; if it cannot be placed, it stays in the default
+            // scope (where the caller may lack rights) and the log says why.
+            if let Err(e) = ctx.auth.mutate(|p| Ok(p.set_scope(&id, sc)?)) {
+                tracing::error!("new VM {id} could not be placed in scope {sc}: {e}");
+            }
+        }
+    }
     if !mutating && status != StatusCode::FORBIDDEN && status != StatusCode::UNAUTHORIZED {
         return resp;
     }

@@ -475,6 +475,33 @@ fn scopes_separate_what_a_token_sees_and_touches() {
         Some(json!({"scope": "B"})),
     );
     assert_forbidden(s, &v, "auth.scope.set", "push to B");
+    // A scope's administrator creates VMs in that scope, not elsewhere.
+    let (s, v) = f.req(
+        Some(&adm_a),
+        "POST",
+        "/vms?scope=A",
+        Some(json!({"name": "new-a", "memory_mib": 64})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let new_a = v["id"].as_str().unwrap().to_string();
+    let (s, v) = f.req(Some(&t), "GET", &format!("/vms/{new_a}"), None);
+    assert_eq!(s, 200, "the operator of A sees the new VM: {v}");
+    for q in ["", "?scope=B"] {
+        let (s, v) = f.req(
+            Some(&adm_a),
+            "POST",
+            &format!("/vms{q}"),
+            Some(json!({"name": "x", "memory_mib": 64})),
+        );
+        assert_forbidden(s, &v, "vm.create", &format!("create{q}"));
+    }
+    let (s, v) = f.req(
+        None,
+        "POST",
+        "/vms?scope=nope",
+        Some(json!({"name": "x", "memory_mib": 64})),
+    );
+    assert_eq!(s, 404, "{v}");
     // Moving b into A (as root) shows it to the operator at once.
     f.ok(
         "PUT",

@@ -188,6 +188,8 @@ impl Manager {
             let mut f = tokio::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                // The caller's data: readable by fvd and the worker (root) only.
+                .mode(0o600)
                 .open(&path)
                 .await
                 .map_err(|e| {

@@ -23,7 +23,7 @@ pub const VM_OPERATOR: &str = "VM Operator";
 
 /// Operations a VM Operator may perform beyond viewing VMs, their jobs and events:
 /// Hyper-V's start, stop, pause and restart. Only names fvd's API has: shut down, turn
-/// off and save are all `vm.stop` (its body picks), console input/output and
+/// off and save are all `vm.stop` (its body picks); console input and output;
 /// checkpoints join this list when the API gains them. Names missing from the
 /// catalogue are ignored, so the list never grants an operation that does not exist.
 const VM_OPERATOR_OPS: &[&str] = &[
@@ -34,6 +34,8 @@ const VM_OPERATOR_OPS: &[&str] = &[
     "vm.resume",
     "vm.reset",
     "vm.discard_saved_state",
+    "vm.console.input",
+    "vm.console.output",
     "job.cancel",
 ];
 

@@ -238,8 +238,22 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
     Ok(cfg)
 }
 
-trait Stream: Read + Write {}
-impl<T: Read + Write> Stream for T {}
+/// A connection to fvd: the Unix socket or TLS over TCP.
+pub trait Stream: Read + Write + Send {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Stream for UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+}
+
+impl Stream for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(t)
+    }
+}
 
 impl Client {
     /// The local socket, unless FV_URL names a remote fvd.
@@ -252,7 +266,8 @@ impl Client {
         }
     }
 
-    fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
+    /// A new connection (one request each; the local socket or TLS as configured).
+    pub fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
         let Some(remote) = &self.remote else {
             let s = UnixStream::connect(&self.socket)
                 .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
@@ -279,6 +294,26 @@ impl Client {
         Ok(Box::new(s))
     }
 
+    /// The request line and headers (ending with the blank line), with our token.
+    pub fn head(&self, method: &str, path: &str, extra: &[(&str, String)]) -> String {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: fvd\r\nAccept: application/json\r\n");
+        if !extra
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        {
+            req.push_str("Connection: close\r\n");
+        }
+        if let Some(t) = &self.token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in extra {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        req
+    }
+
     pub fn request(
         &self,
         method: &str,
@@ -287,70 +322,96 @@ impl Client {
     ) -> Result<HttpResponse, ClientError> {
         let mut s = self.connect()?;
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: fvd\r\nConnection: close\r\nAccept: application/json\r\n");
-        if let Some(t) = &self.token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        if body.is_some() {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                payload.len()
-            ));
-        }
-        req.push_str("\r\n");
+        let extra = match body {
+            Some(_) => vec![
+                ("Content-Type", "application/json".to_string()),
+                ("Content-Length", payload.len().to_string()),
+            ],
+            None => vec![],
+        };
+        let mut req = self.head(method, path, &extra);
         req.push_str(&payload);
         s.write_all(req.as_bytes())?;
         s.flush()?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| ClientError::Protocol(format!("status line {line:?}")))?;
-        let mut headers = Vec::new();
+        read_response(&mut BufReader::new(s), None)
+    }
+}
+
+/// Largest answer body we accept (fvd's lists are far smaller).
+const MAX_BODY: usize = 256 << 20;
+
+/// Read a status line and headers: (status, headers).
+pub fn read_head(r: &mut impl BufRead) -> Result<(u16, Vec<(String, String)>), ClientError> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
+}
+
+/// Read a whole answer; `head` if its status line and headers were read already.
+pub fn read_response(
+    r: &mut impl BufRead,
+    head: Option<(u16, Vec<(String, String)>)>,
+) -> Result<HttpResponse, ClientError> {
+    let (status, headers) = match head {
+        Some(h) => h,
+        None => read_head(r)?,
+    };
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let too_big = || ClientError::Protocol(format!("an answer over {MAX_BODY} bytes"));
+    let mut body = Vec::new();
+    let mut line = String::new();
+    if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             line.clear();
             r.read_line(&mut line)?;
-            let l = line.trim_end();
-            if l.is_empty() {
+            let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| ClientError::Protocol(format!("chunk size {line:?}")))?;
+            if n == 0 {
                 break;
             }
-            if let Some((k, v)) = l.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
+            if body.len() + n > MAX_BODY {
+                return Err(too_big());
             }
+            let at = body.len();
+            body.resize(at + n, 0);
+            r.read_exact(&mut body[at..])?;
+            line.clear();
+            r.read_line(&mut line)?;
         }
-        let find = |n: &str| {
-            headers
-                .iter()
-                .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
-                .map(|(_, v)| v.clone())
-        };
-        let mut body = Vec::new();
-        if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-            loop {
-                line.clear();
-                r.read_line(&mut line)?;
-                let n = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .map_err(|_| ClientError::Protocol(format!("chunk size {line:?}")))?;
-                if n == 0 {
-                    break;
-                }
-                let mut chunk = vec![0; n];
-                r.read_exact(&mut chunk)?;
-                body.extend_from_slice(&chunk);
-                line.clear();
-                r.read_line(&mut line)?;
-            }
-        } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
-            body.resize(n, 0);
-            r.read_exact(&mut body)?;
-        } else {
-            r.read_to_end(&mut body)?;
+    } else if let Some(n) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if n > MAX_BODY {
+            return Err(too_big());
         }
-        Ok(HttpResponse { status, body })
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else {
+        r.take(MAX_BODY as u64).read_to_end(&mut body)?;
     }
+    Ok(HttpResponse { status, body })
 }
 
 #[cfg(test)]

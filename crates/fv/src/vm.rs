@@ -190,6 +190,9 @@ pub enum VmCmd {
         vm: String,
         #[arg(long, default_value_t = 1)]
         port: usize,
+        /// Watch only (needs vm.console.output; typing needs vm.console.input).
+        #[arg(long)]
+        read_only: bool,
     },
     /// Freeze the guest's filesystems (backup integration service); they are
     /// thawed at the latest after --timeout seconds.
@@ -409,7 +412,7 @@ impl Api {
 }
 
 /// Non-2xx answers become errors with fvd's message and the exit-code class.
-fn check(r: HttpResponse) -> Result<HttpResponse> {
+pub(crate) fn check(r: HttpResponse) -> Result<HttpResponse> {
     if (200..300).contains(&r.status) {
         return Ok(r);
     }
@@ -968,7 +971,11 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
                 Some(json!({"name": new_name})),
             )?);
         }
-        VmCmd::Console { vm, port } => vm_console::run(&api.vm(&vm)?, port)?,
+        VmCmd::Console {
+            vm,
+            port,
+            read_only,
+        } => vm_console::run(&api.c, &api.vm(&vm)?, port, read_only)?,
         VmCmd::Freeze { vm, timeout } => {
             let st: Value = api.send(
                 "POST",
@@ -996,7 +1003,7 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
             );
             let tty =
                 out == OutputFormat::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let r = check(vm_copy::upload(&api.c.socket, &path, &src, tty)?)?;
+            let r = check(vm_copy::upload(&api.c, &path, &src, tty)?)?;
             api.job(r, !w.no_wait, out)?;
         }
         VmCmd::Disk { cmd } => match cmd {

@@ -39,6 +39,8 @@ pub enum Resp {
     Job,
     NoContent,
     Sse,
+    /// 101 Switching Protocols to a raw byte stream.
+    Upgrade,
     Any,
 }
 
@@ -183,6 +185,24 @@ pub const OPERATIONS: &[Operation] = &[
         None,
         Resp::Job,
         "Save memory and device state"
+    ),
+    op!(
+        "vm.console.output",
+        "get",
+        "/vms/{id}/console",
+        "allow_output_from_vm",
+        None,
+        Resp::Upgrade,
+        "Watch a COM port (?port=1|2): HTTP upgrade to `fv-console`, then the raw bytes the guest writes"
+    ),
+    op!(
+        "vm.console.input",
+        "post",
+        "/vms/{id}/console",
+        "allow_input_to_vm",
+        None,
+        Resp::Upgrade,
+        "Use a COM port interactively (?port=1|2): HTTP upgrade to `fv-console`, then raw bytes both ways"
     ),
     op!(
         "vm.discard_saved_state",
@@ -523,7 +543,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn err(op: &'static str) -> impl Fn(MgrError) -> ApiError {
+pub(crate) fn err(op: &'static str) -> impl Fn(MgrError) -> ApiError {
     move |e| {
         let status = match &e {
             MgrError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -674,6 +694,33 @@ async fn vm_save(State(m): S, Path(id): Path<String>) -> R {
     const OP: &str = "vm.save";
     let id = m.resolve(&id).map_err(err(OP))?;
     Ok(job_response(&m.save(id, None).map_err(err(OP))?))
+}
+
+#[derive(Deserialize)]
+struct ConsoleQ {
+    port: Option<usize>,
+}
+
+async fn console_output(
+    State(m): S,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQ>,
+    req: axum::extract::Request,
+) -> R {
+    const OP: &str = "vm.console.output";
+    let id = m.resolve(&id).map_err(err(OP))?;
+    crate::console::open(m, id, q.port.unwrap_or(1), false, req, OP).await
+}
+
+async fn console_input(
+    State(m): S,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQ>,
+    req: axum::extract::Request,
+) -> R {
+    const OP: &str = "vm.console.input";
+    let id = m.resolve(&id).map_err(err(OP))?;
+    crate::console::open(m, id, q.port.unwrap_or(1), true, req, OP).await
 }
 
 async fn vm_discard(State(m): S, Path(id): Path<String>) -> R {
@@ -865,6 +912,7 @@ pub fn router(m: Arc<Manager>, auth: Arc<crate::auth::Auth>) -> Router {
         .route("/vms/{id}/actions/reset", post(vm_reset))
         .route("/vms/{id}/actions/save", post(vm_save))
         .route("/vms/{id}/actions/discard-saved-state", post(vm_discard))
+        .route("/vms/{id}/console", get(console_output).post(console_input))
         .route("/vms/{id}/actions/freeze", post(integration_api::vm_freeze))
         .route("/vms/{id}/actions/thaw", post(integration_api::vm_thaw))
         .route("/vms/{id}/freeze", get(integration_api::vm_freeze_status))
@@ -970,6 +1018,10 @@ pub fn openapi_document() -> serde_json::Value {
             Resp::Sse => (
                 "200",
                 json!({"description": "Server-sent events, each an EventView", "content": {"text/event-stream": {"schema": sref("EventView")}}}),
+            ),
+            Resp::Upgrade => (
+                "101",
+                json!({"description": "Switching Protocols (Upgrade: fv-console); the connection then carries raw console bytes"}),
             ),
             Resp::Any => (
                 "200",

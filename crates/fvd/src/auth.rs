@@ -30,7 +30,9 @@ use uuid::Uuid;
 
 /// GETs that are not "view" operations: token metadata is for administrators only,
 /// so Monitor (all view operations) must not get it.
-const ADMIN_ONLY_READS: &[&str] = &["auth.token.list"];
+/// Watching a console is not "viewing" either: Hyper-V keeps "allow output from VM"
+/// apart from view rights (the screen shows what the guest shows), so Monitor lacks it.
+const ADMIN_ONLY_READS: &[&str] = &["auth.token.list", "vm.console.output"];
 
 /// Operations that filter what the caller may see instead of refusing: a principal
 /// holding one in scope A gets A's objects. Refused only when held nowhere.

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod auth_store;
 pub mod client;
+pub mod console;
 pub mod db;
 pub mod events;
 pub mod host;

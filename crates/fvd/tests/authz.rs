@@ -247,7 +247,8 @@ fn assert_forbidden(s: u16, v: &Value, op: &str, ctx: &str) {
 /// What each built-in role must allow, written from the definitions (not from
 /// fv-authz), over whatever the API table holds.
 fn expected(role: &str, op: &fvd::api::Operation) -> bool {
-    let view = op.method == "get" && op.name != "auth.token.list";
+    // Watching a console is Hyper-V's "allow output from VM", not a view right.
+    let view = op.method == "get" && !["auth.token.list", "vm.console.output"].contains(&op.name);
     match role {
         "Administrator" => true,
         "Monitor" => view,
@@ -265,6 +266,8 @@ fn expected(role: &str, op: &fvd::api::Operation) -> bool {
                     "vm.resume",
                     "vm.reset",
                     "vm.discard_saved_state",
+                    "vm.console.input",
+                    "vm.console.output",
                     "job.cancel",
                 ]
                 .contains(&op.name)

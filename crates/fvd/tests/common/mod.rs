@@ -304,10 +304,50 @@ pub struct Console {
     buf: Arc<Mutex<Vec<u8>>>,
 }
 
+impl Drop for Console {
+    // The reader thread holds a clone of the socket: shut it down so the other end
+    // (QEMU's COM port, or fvd's console relay) sees the session end.
+    fn drop(&mut self) {
+        let _ = self.w.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl Console {
     pub fn connect(sock: &Path) -> Console {
         let s =
             UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+        Console::over(s)
+    }
+
+    /// COM1 through fvd's console API (HTTP upgrade on the API socket): POST to
+    /// type and watch, GET to watch only. Err((status, body)) when fvd refuses.
+    pub fn via_api(api_sock: &Path, vm: &str, input: bool) -> Result<Console, (u16, String)> {
+        let mut s = UnixStream::connect(api_sock).unwrap();
+        let method = if input { "POST" } else { "GET" };
+        write!(
+            s,
+            "{method} /vms/{vm}/console?port=1 HTTP/1.1\r\nHost: fvd\r\nConnection: Upgrade\r\nUpgrade: fv-console\r\n\r\n"
+        )
+        .unwrap();
+        // Byte by byte: console bytes may follow the head at once.
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).unwrap(), 1, "fvd closed the console request");
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        if status != 101 {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            return Err((status, format!("{head}{body}")));
+        }
+        Ok(Console::over(s))
+    }
+
+    fn over(s: UnixStream) -> Console {
         let mut r = s.try_clone().unwrap();
         let buf = Arc::new(Mutex::new(Vec::new()));
         let b = buf.clone();
@@ -321,6 +361,11 @@ impl Console {
             }
         });
         Console { w: s, buf }
+    }
+
+    /// Type raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).unwrap();
     }
 
     /// Run `cmd` in the guest shell; returns what it printed between unique markers.

@@ -116,6 +116,9 @@ pub enum VmCmd {
         /// Folder for the VM (default: the host's VM folder).
         #[arg(long)]
         path: Option<PathBuf>,
+        /// Authorization scope to create the VM in (default: the default scope).
+        #[arg(long)]
+        scope: Option<String>,
         #[command(flatten)]
         hw: Box<HwArgs>,
     },
@@ -846,6 +849,7 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
             dvd,
             nics,
             path,
+            scope,
             hw,
         } => {
             let gen = match generation.as_str() {
@@ -885,7 +889,11 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
                     .collect();
                 p.insert("network_adapters".into(), Value::Array(list?));
             }
-            let v: VmView = api.send("POST", "/vms", Some(Value::Object(p)))?;
+            let at = match &scope {
+                Some(sc) => format!("/vms?scope={}", enc(sc)),
+                None => "/vms".to_string(),
+            };
+            let v: VmView = api.send("POST", &at, Some(Value::Object(p)))?;
             show(&v);
         }
         VmCmd::List => {

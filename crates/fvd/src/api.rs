@@ -787,8 +787,12 @@ struct LimitQ {
 }
 
 async fn job_list(State(m): S, caller: crate::auth::Caller, Query(q): Query<LimitQ>) -> R {
-    let mut v = m.jobs.list(q.limit.unwrap_or(100));
+    // Filter first, then cut to the limit, so a scoped caller still gets `limit` rows
+    // of its own (the job table keeps a bounded history).
+    let limit = q.limit.unwrap_or(100) as usize;
+    let mut v = m.jobs.list(10_000);
     v.retain(|j| caller.may(j.vm_id));
+    v.truncate(limit);
     Ok(Json(v).into_response())
 }
 

@@ -213,3 +213,81 @@ pub fn drop_capabilities() -> Result<()> {
     }
     Ok(())
 }
+
+/// Hide `spec.private_dirs` (fvd's runtime root with its API socket and every VM's
+/// sockets, `/run`) behind empty tmpfs mounts in a mount namespace of our own, with
+/// only this VM's runtime dir bound back in place. Landlock does not mediate
+/// connecting to a pathname Unix socket, and the worker runs as uid 0, so without
+/// this it could reach other VMs' QMP/agent/disk sockets. QEMU, our child, shares
+/// the namespace. Landlock then forbids any further mount change, so it cannot be
+/// undone. A dir that holds something this VM needs (its folder, disks, media) is
+/// left visible, with a warning.
+pub fn hide_private_dirs(spec: &LaunchSpec, g: &Grants) -> Result<Vec<PathBuf>> {
+    use nix::mount::{mount, MsFlags};
+    if spec.private_dirs.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut dirs: Vec<PathBuf> = spec
+        .private_dirs
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    dirs.sort_by_key(|d| d.components().count());
+    let runtime = std::fs::canonicalize(&spec.runtime_dir).context("runtime dir")?;
+    let needed: Vec<PathBuf> = g
+        .read_write_dirs
+        .iter()
+        .chain(&g.read_write_files)
+        .chain(&g.read_only)
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .filter(|p| !p.starts_with(&runtime))
+        .collect();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare mount namespace")?;
+    // Our mounts must not propagate back to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make / private")?;
+    // Keep a handle on our runtime dir to bind it back once its parents are covered.
+    let own = std::fs::File::open(&runtime).context("open runtime dir")?;
+    let own_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&own));
+    let mut covered: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        if covered.iter().any(|c| d.starts_with(c)) {
+            continue;
+        }
+        if let Some(n) = needed.iter().find(|n| n.starts_with(&d)) {
+            tracing::warn!(
+                "confine: not hiding {} (this VM needs {} there)",
+                d.display(),
+                n.display()
+            );
+            continue;
+        }
+        mount(
+            Some("fv-private"),
+            &d,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=0755,size=64k"),
+        )
+        .with_context(|| format!("hide {}", d.display()))?;
+        covered.push(d);
+    }
+    if covered.iter().any(|c| runtime.starts_with(c)) {
+        std::fs::create_dir_all(&runtime).context("recreate runtime dir")?;
+        mount(
+            Some(own_path.as_str()),
+            &runtime,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("bind runtime dir back")?;
+    }
+    Ok(covered)
+}

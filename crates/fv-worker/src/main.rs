@@ -97,6 +97,8 @@ fn real_main() -> Result<()> {
     let confinement = if spec.confine {
         let grants = confine::grants(&spec);
         tracing::info!("confine: {grants:?}");
+        let hidden = confine::hide_private_dirs(&spec, &grants)?;
+        tracing::info!("confine: hid {hidden:?}");
         if is_root() {
             confine::drop_capabilities()?;
         }

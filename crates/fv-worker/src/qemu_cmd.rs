@@ -440,6 +440,7 @@ mod tests {
             allowed_disk_dirs: vec![],
             confine: false,
             media_dirs: vec![],
+            private_dirs: vec![],
             host_name: String::new(),
             integration_tuning: Default::default(),
         }

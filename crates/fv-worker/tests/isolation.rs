@@ -29,14 +29,24 @@ fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Start a worker whose QEMU runs as `uid`, confined or not; returns once QEMU runs
-/// (media changes need QEMU, not a booted guest).
-fn start(vm: &Vm, uid: u32, confine: bool, media_dir: &Path) -> (Worker, Client) {
+/// Start a worker whose QEMU runs as `uid`, confined or not, with its runtime dir
+/// `runtime` inside the shared runtime root `root` (as fvd lays them out); returns
+/// once QEMU runs (media changes need QEMU, not a booted guest).
+fn start(
+    vm: &Vm,
+    uid: u32,
+    confine: bool,
+    media_dir: &Path,
+    root: &Path,
+    runtime: &Path,
+) -> (Worker, Client) {
     let mut spec = vm.spec(None);
     spec.qemu_uid = Some(uid);
     spec.qemu_gid = Some(uid);
     spec.confine = confine;
     spec.media_dirs = vec![media_dir.to_path_buf()];
+    spec.runtime_dir = runtime.to_path_buf();
+    spec.private_dirs = vec![root.to_path_buf(), "/run".into()];
     let p = vm.vm_dir.path().join("launch.json");
     std::fs::write(&p, serde_json::to_vec(&spec).unwrap()).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_fv-worker"))
@@ -45,7 +55,7 @@ fn start(vm: &Vm, uid: u32, confine: bool, media_dir: &Path) -> (Worker, Client)
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut w = Worker::from_pid(child.id() as i32, vm.run_dir.path());
+    let mut w = Worker::from_pid(child.id() as i32, runtime);
     w.child = Some(child);
     let mut c = w.connect();
     c.ok(json!({"op": "subscribe"}));
@@ -95,8 +105,16 @@ fn a_vm_cannot_open_another_vms_disk() {
     std::fs::write(&a_own, vec![0u8; 1 << 20]).unwrap();
     chmod(&a_own, 0o644);
 
-    let (_wa, mut ca) = start(&a, 1_500_000_101, true, media.path());
-    let (_wb, _cb) = start(&b, 1_500_000_102, true, media.path());
+    // One runtime root for both, like fvd's <runtime>/vms/<id>, with a stand-in
+    // for fvd's API socket beside them.
+    let root = tempfile::Builder::new()
+        .prefix("fvr")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (ra, rb) = (root.path().join("a"), root.path().join("b"));
+    std::os::unix::net::UnixListener::bind(root.path().join("fvd.sock")).unwrap();
+    let (_wa, mut ca) = start(&a, 1_500_000_101, true, media.path(), root.path(), &ra);
+    let (_wb, _cb) = start(&b, 1_500_000_102, true, media.path(), root.path(), &rb);
     // Distinct unprivileged uids per VM.
     let (ua, ub) = (uid_of(_wa.qemu_pid), uid_of(_wb.qemu_pid));
     assert_eq!(ua, "1500000101");
@@ -104,10 +122,29 @@ fn a_vm_cannot_open_another_vms_disk() {
 
     // B's runtime dir (its QMP, agent, console and disk sockets) is closed to
     // everyone but B's QEMU uid (and root).
-    let meta = std::fs::metadata(b.run_dir.path()).unwrap();
+    let meta = std::fs::metadata(&rb).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(meta.uid(), 1_500_000_102);
     assert_eq!(meta.mode() & 0o777, 0o700);
+    // And A (uid 0, so permissions would not stop it) does not even see them, nor
+    // the API socket: in its mount namespace the runtime root holds only its own
+    // dir. Seen through /proc/<pid>/root, i.e. A's own view of the file system.
+    let view =
+        |p: &Path| Path::new(&format!("/proc/{}/root", _wa.pid)).join(p.strip_prefix("/").unwrap());
+    assert!(
+        view(&ra.join("worker.sock")).exists(),
+        "A lost its own sockets"
+    );
+    assert!(
+        view(&ra.join("qmp.sock")).exists(),
+        "A's QEMU lost its QMP socket"
+    );
+    assert!(!view(&rb).exists(), "A can see B's runtime dir");
+    assert!(
+        !view(&root.path().join("fvd.sock")).exists(),
+        "A can see the API socket"
+    );
+    assert!(rb.join("worker.sock").exists() && root.path().join("fvd.sock").exists());
 
     // What A may use: media in its own folder and in the host's media folders.
     insert(&mut ca, &a_own).expect("own folder media");
@@ -124,7 +161,7 @@ fn a_vm_cannot_open_another_vms_disk() {
 
     // Control: the same VM unconfined (same uid, same permissions) can open B's
     // disk, so the refusal above came from the confinement, not from DAC.
-    let (_wc, mut cc) = start(&a, 1_500_000_101, false, media.path());
+    let (_wc, mut cc) = start(&a, 1_500_000_101, false, media.path(), root.path(), &ra);
     insert(&mut cc, &b_disk).expect("unconfined worker should reach B's world-readable disk");
     cc.ok(json!({"op": "turn_off"}));
     cc.wait_state(VmState::Off, Duration::from_secs(60));

@@ -1289,6 +1289,11 @@ impl Manager {
             allowed_disk_dirs: allowed,
             confine: s.vm_isolation,
             media_dirs: s.media_folders.clone(),
+            private_dirs: if s.vm_isolation {
+                vec![self.paths.runtime_dir.clone(), PathBuf::from("/run")]
+            } else {
+                vec![]
+            },
             host_name: util::hostname(),
             integration_tuning: Default::default(),
         };

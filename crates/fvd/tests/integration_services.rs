@@ -192,6 +192,10 @@ fn kvp_copy_file_freeze_and_lost_agent_through_fvd() {
     assert_eq!(c, 0, "{err}");
     let st: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["frozen"], false, "{st}");
+    // The first heartbeat answer may come up to one interval after guest-ready.
+    f.wait_vm(&id, Duration::from_secs(30), |v| {
+        v["heartbeat"]["status"] == "ok"
+    });
     let kinds: Vec<String> = events(&f, &id)
         .iter()
         .map(|e| e["kind"].as_str().unwrap_or("").to_string())

@@ -244,6 +244,10 @@ pub struct LaunchSpec {
     /// the VM folder and the folders of the media present at start.
     #[serde(default)]
     pub media_dirs: Vec<PathBuf>,
+    /// Directories the worker hides from itself and QEMU (fvd's runtime root with
+    /// every VM's sockets and the API socket, `/run`); its own runtime dir stays.
+    #[serde(default)]
+    pub private_dirs: Vec<PathBuf>,
     /// The host's name, published to the guest by key-value exchange.
     #[serde(default)]
     pub host_name: String,

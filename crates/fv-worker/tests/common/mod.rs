@@ -111,6 +111,7 @@ impl Vm {
             allowed_disk_dirs: vec![],
             confine: true,
             media_dirs: vec![],
+            private_dirs: vec![],
             host_name: String::new(),
             integration_tuning: Default::default(),
         }

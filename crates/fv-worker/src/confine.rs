@@ -14,7 +14,7 @@
 //! - read+write on each writable hard drive's top image file, read on its
 //!   differencing parents (resolved now, through the same path policy the disk
 //!   engine uses; nothing else in the parents' folders);
-//! - read on the media folders, the folders of the DVD media present at start, the
+//! - read on the media folders, the DVD media present at start, the
 //!   direct-boot kernel/initrd and the floppy image;
 //! - read+execute on the system (/usr, /lib*, /bin, /sbin), read on /proc, /sys and
 //!   the few /etc files the loader and QEMU read, the QEMU binary, and the device
@@ -108,11 +108,11 @@ pub fn grants(spec: &LaunchSpec) -> Grants {
         }
     }
     let mut media: Vec<PathBuf> = spec.media_dirs.clone();
+    // The media files themselves, not their folders: an ISO in / or a home
+    // directory must not open everything beside it.
     for d in &spec.config.dvd_drives {
         if let Some(p) = &d.path {
-            if let Some(dir) = crate::qemu_cmd::resolve(&spec.vm_dir, p).parent() {
-                media.push(dir.to_path_buf());
-            }
+            media.push(crate::qemu_cmd::resolve(&spec.vm_dir, p));
         }
     }
     if let Some(f) = &spec.config.floppy {

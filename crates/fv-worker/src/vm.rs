@@ -808,9 +808,9 @@ impl Vm {
                         // media may come from instead of a bare EACCES.
                         if w.message.contains("Permission denied") {
                             w.message.push_str(
-                                " (a running VM can insert media only from its own folder, \
-                                 the host's media folders, or the folders of the media \
-                                 it started with)",
+                                " (a running VM can insert media only from its own folder \
+                                 or the host's media folders, host setting media_folders, \
+                                 besides the media it started with)",
                             );
                         }
                         w

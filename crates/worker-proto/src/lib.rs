@@ -241,7 +241,7 @@ pub struct LaunchSpec {
     #[serde(default = "default_true")]
     pub confine: bool,
     /// Folders DVD media may be inserted from while the VM runs (read-only), beside
-    /// the VM folder and the folders of the media present at start.
+    /// the VM folder and the media present at start.
     #[serde(default)]
     pub media_dirs: Vec<PathBuf>,
     /// Directories the worker hides from itself and QEMU (fvd's runtime root with

@@ -1,12 +1,6 @@
 //! `fv auth role|scope|assign|token|audit|settings …`: fvd's authorization policy.
-// Our own copy of the client module (vm.rs includes it the same way), so these verbs
-// stay in a file of their own.
-#[allow(dead_code, clippy::duplicate_mod)]
-#[path = "client.rs"]
-mod client;
-
-use self::client::{Client, HttpResponse};
-use crate::output::{emit, Refused, Usage};
+use crate::client::{enc, socket_path, Client, HttpResponse};
+use crate::output::{check, emit, Usage};
 use crate::OutputFormat;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
@@ -133,18 +127,6 @@ enum TokenCmd {
     },
 }
 
-fn enc(s: &str) -> String {
-    let mut o = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            o.push(b as char);
-        } else {
-            o.push_str(&format!("%{b:02X}"));
-        }
-    }
-    o
-}
-
 /// `30d` -> seconds.
 fn parse_duration(s: &str) -> Result<u64> {
     let s = s.trim();
@@ -175,21 +157,7 @@ impl Api {
             .c
             .request(method, path, body.as_ref())
             .map_err(|e| anyhow!("{e}"))?;
-        if (200..300).contains(&r.status) {
-            return Ok(r);
-        }
-        let v = r.json();
-        let msg = v["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-        let op = v["operation"].as_str().unwrap_or("?");
-        let line = format!("{op}: {msg}");
-        Err(match r.status {
-            400 | 422 => Usage(line).into(),
-            401 | 403 | 404 | 409 => Refused(line).into(),
-            _ => anyhow!(line),
-        })
+        check(r)
     }
 
     fn json(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
@@ -219,12 +187,8 @@ fn done(out: OutputFormat, v: &Value, msg: String) {
 }
 
 pub fn run(a: AuthArgs, out: OutputFormat) -> Result<()> {
-    let sock = a
-        .socket
-        .or_else(|| std::env::var_os("FV_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/run/ferrovisor/fvd.sock"));
     let api = Api {
-        c: Client::new(&sock),
+        c: Client::new(&socket_path(a.socket)),
     };
     match a.cmd {
         AuthCmd::Role { cmd } => match cmd {

@@ -238,6 +238,26 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
     Ok(cfg)
 }
 
+/// fvd's API socket: the given one, else FV_SOCKET, else the system default.
+pub fn socket_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("FV_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/run/ferrovisor/fvd.sock"))
+}
+
+/// Percent-encode one path segment or query value.
+pub fn enc(s: &str) -> String {
+    let mut o = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            o.push(b as char);
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}
+
 /// A connection to fvd: the Unix socket or TLS over TCP.
 pub trait Stream: Read + Write + Send {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;

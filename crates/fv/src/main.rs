@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod auth;
+mod client;
 mod output;
 mod template;
 mod vhd;

@@ -22,6 +22,25 @@ impl std::fmt::Display for Usage {
 }
 impl std::error::Error for Usage {}
 
+/// Non-2xx answers become errors with fvd's message and the exit-code class.
+pub fn check(r: crate::client::HttpResponse) -> anyhow::Result<crate::client::HttpResponse> {
+    if (200..300).contains(&r.status) {
+        return Ok(r);
+    }
+    let v = r.json();
+    let msg = v["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+    let op = v["operation"].as_str().unwrap_or("?");
+    let line = format!("{op}: {msg}");
+    Err(match r.status {
+        400 | 413 | 422 => Usage(line).into(),
+        401 | 403 | 404 | 409 => Refused(line).into(),
+        _ => anyhow::anyhow!(line),
+    })
+}
+
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<Usage>().is_some() {
         2

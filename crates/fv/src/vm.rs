@@ -1,14 +1,11 @@
 //! `fv vm|job|host …`: talk to fvd over its Unix socket.
-// Declared here (not in main.rs) so the service verbs stay in files this work owns.
-#[path = "client.rs"]
-mod client;
 #[path = "vm_console.rs"]
 mod vm_console;
 #[path = "vm_copy.rs"]
 mod vm_copy;
 
-use self::client::{Client, HttpResponse};
-use crate::output::{emit, Refused, Usage};
+use crate::client::{enc, socket_path, Client, HttpResponse};
+use crate::output::{check, emit, Usage};
 use crate::OutputFormat;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
@@ -380,27 +377,10 @@ struct Api {
     c: Client,
 }
 
-fn enc(s: &str) -> String {
-    let mut o = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            o.push(b as char);
-        } else {
-            o.push_str(&format!("%{b:02X}"));
-        }
-    }
-    o
-}
-
 impl Api {
     fn new(conn: &Conn) -> Api {
-        let sock = conn
-            .socket
-            .clone()
-            .or_else(|| std::env::var_os("FV_SOCKET").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("/run/ferrovisor/fvd.sock"));
         Api {
-            c: Client::new(&sock),
+            c: Client::new(&socket_path(conn.socket.clone())),
         }
     }
 
@@ -412,25 +392,6 @@ impl Api {
             .map_err(|e| anyhow!("{e}"))?;
         check(r)
     }
-}
-
-/// Non-2xx answers become errors with fvd's message and the exit-code class.
-pub(crate) fn check(r: HttpResponse) -> Result<HttpResponse> {
-    if (200..300).contains(&r.status) {
-        return Ok(r);
-    }
-    let v = r.json();
-    let msg = v["message"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-    let op = v["operation"].as_str().unwrap_or("?");
-    let line = format!("{op}: {msg}");
-    Err(match r.status {
-        400 | 413 | 422 => Usage(line).into(),
-        401 | 403 | 404 | 409 => Refused(line).into(),
-        _ => anyhow!(line),
-    })
 }
 
 impl Api {

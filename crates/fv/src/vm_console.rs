@@ -1,5 +1,5 @@
 //! `fv vm console`: an interactive serial console through fvd's console API.
-use super::client::{read_head, read_response, Client};
+use crate::client::{read_head, read_response, Client};
 use anyhow::{anyhow, Result};
 use fv_model::api::VmView;
 use nix::sys::termios::{self, SetArg};
@@ -73,7 +73,7 @@ pub fn run(c: &Client, vm: &VmView, port: usize, read_only: bool) -> Result<()> 
         // An ordinary error answer: its body follows on the stream.
         let mut rd = std::io::BufReader::new(s);
         let r = read_response(&mut rd, Some((status, headers)))?;
-        super::check(r)?;
+        crate::output::check(r)?;
         return Err(anyhow!(
             "fvd answered {status} instead of opening the console"
         ));

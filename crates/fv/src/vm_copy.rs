@@ -3,7 +3,7 @@
 //! The CLI reads the file (with the caller's own permissions) and sends its bytes;
 //! fvd never opens a host path on the caller's behalf. One request per connection,
 //! `Connection: close`, through the same client (local socket or TLS) as the rest.
-use super::client::{read_head, read_response, Client, HttpResponse};
+use crate::client::{read_head, read_response, Client, HttpResponse};
 use anyhow::{anyhow, Context, Result};
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
@@ -43,7 +43,7 @@ pub fn upload(c: &Client, path: &str, file: &Path, show_progress: bool) -> Resul
                 .set_read_timeout(Some(Duration::from_secs(3600)))?;
             return Ok(read_response(&mut r, Some(h))?);
         }
-        Err(super::client::ClientError::Io(e))
+        Err(crate::client::ClientError::Io(e))
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut

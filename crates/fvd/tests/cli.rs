@@ -4,25 +4,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn fv(f: &Fvd, args: &[&str]) -> (i32, String, String) {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fvd")).with_file_name("fv");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (cargo build --release -p fv)",
-        bin.display()
-    );
-    let o = Command::new(bin)
-        .args(args)
-        .env("FV_SOCKET", &f.sock)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn vm_verbs_tables_json_and_exit_codes() {
     let f = Fvd::start();
@@ -87,7 +68,7 @@ fn vm_verbs_tables_json_and_exit_codes() {
     let dead = Fvd::start();
     let sock = dead.sock.clone();
     drop(dead);
-    let o = Command::new(std::path::Path::new(env!("CARGO_BIN_EXE_fvd")).with_file_name("fv"))
+    let o = Command::new(fv_bin())
         .args(["vm", "list"])
         .env("FV_SOCKET", &sock)
         .output()

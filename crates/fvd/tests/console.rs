@@ -8,10 +8,6 @@ use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn fv() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_BIN_EXE_fvd")).with_file_name("fv")
-}
-
 #[test]
 fn console_through_the_api() {
     let f = Fvd::start();
@@ -59,7 +55,7 @@ fn console_through_the_api() {
         .arg("-c")
         .arg(format!(
             "(sleep 1; printf 'echo cli-$((6*7))\\n'; sleep 3) | {} vm console {id}",
-            fv().display()
+            fv_bin().display()
         ))
         .env("FV_SOCKET", &f.sock)
         .stdin(Stdio::null())

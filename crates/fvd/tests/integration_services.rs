@@ -11,25 +11,6 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn fv(f: &Fvd, args: &[&str]) -> (i32, String, String) {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fvd")).with_file_name("fv");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (cargo build --release -p fv)",
-        bin.display()
-    );
-    let o = Command::new(bin)
-        .args(args)
-        .env("FV_SOCKET", &f.sock)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 fn sha256(path: &std::path::Path) -> String {
     let o = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&o.stdout)

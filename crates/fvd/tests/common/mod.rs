@@ -261,6 +261,31 @@ impl Drop for Fvd {
     }
 }
 
+/// The `fv` binary built beside fvd.
+pub fn fv_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_fvd")).with_file_name("fv");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (cargo build --release -p fv)",
+        bin.display()
+    );
+    bin
+}
+
+/// Run `fv ARGS` against this fvd: (exit code, stdout, stderr).
+pub fn fv(f: &Fvd, args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(fv_bin())
+        .args(args)
+        .env("FV_SOCKET", &f.sock)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 pub fn template() -> fv_guest_template::Template {
     let dir = std::env::var_os("FV_TEMPLATE_DIR")
         .map(PathBuf::from)

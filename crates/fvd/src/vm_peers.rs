@@ -15,6 +15,11 @@ pub fn is_vm_process(
     if uid >= uid_range.0 && uid < uid_range.1 {
         return true;
     }
+    // Workers run as root and their QEMUs in the range above: any other uid is
+    // neither, and skipping the pid-file scan keeps ordinary callers cheap.
+    if uid != 0 {
+        return false;
+    }
     let Some(pid) = pid.filter(|p| *p > 0) else {
         return false;
     };
@@ -56,6 +61,8 @@ mod tests {
         // Pretend we are a worker: then we and our children are VM processes.
         std::fs::write(vm.join(fv_worker_proto::PID_NAME), format!("{me}\n")).unwrap();
         assert!(is_vm_process(rt.path(), Some(me), 0, (10, 20)));
+        // Workers are root: a non-root caller outside the range is neither.
+        assert!(!is_vm_process(rt.path(), Some(me), 1000, (10, 20)));
         let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()

@@ -32,13 +32,35 @@ impl std::fmt::Display for VmState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Generation {
     #[serde(rename = "1")]
     Gen1,
     #[serde(rename = "2")]
     Gen2,
+}
+
+// By hand so a wrong value says what is expected ("the string \"1\" or \"2\"")
+// instead of serde's "expected variant identifier".
+impl<'de> Deserialize<'de> for Generation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Generation;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("the string \"1\" or \"2\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Generation, E> {
+                match s {
+                    "1" => Ok(Generation::Gen1),
+                    "2" => Ok(Generation::Gen2),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -308,14 +330,244 @@ pub struct DirectBoot {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
     #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid { field: String, reason: String },
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        field,
+        field: field.into(),
         reason: reason.into(),
     }
+}
+
+/// Limits of what a caller may put into a configuration, checked at the API edge
+/// ([`VmConfig::validate_input`]); host-dependent ones (logical CPUs, host memory)
+/// are checked by fvd on top.
+pub mod limits {
+    /// Hyper-V's limit for a VM name; also used for adapter and switch names.
+    pub const NAME_MAX_CHARS: usize = 100;
+    /// Notes are free text (newlines and tabs allowed).
+    pub const NOTES_MAX_BYTES: usize = 16 * 1024;
+    /// PATH_MAX including the terminating NUL.
+    pub const PATH_MAX_BYTES: usize = 4095;
+    /// The x86 kernel's COMMAND_LINE_SIZE (2048, with the NUL).
+    pub const CMDLINE_MAX_BYTES: usize = 2047;
+    /// Hyper-V's minimum memory of a VM.
+    pub const MEMORY_MIN_MIB: u64 = 32;
+    /// Memory is given in whole 2 MiB (large page) units, as in Hyper-V.
+    pub const MEMORY_ALIGN_MIB: u64 = 2;
+    /// QEMU's `cpu-max` of the machine types we run: `pc` (i440fx, generation 1)
+    /// and `q35` (generation 2), from QMP query-machines.
+    pub const QEMU_MAX_VCPUS_PC: u32 = 255;
+    pub const QEMU_MAX_VCPUS_Q35: u32 = 288;
+    /// Hyper-V's limits: 8 synthetic and 4 legacy network adapters.
+    pub const MAX_SYNTHETIC_NICS: usize = 8;
+    pub const MAX_LEGACY_NICS: usize = 4;
+    /// A boot order names each device kind at most once.
+    pub const MAX_BOOT_ENTRIES: usize = 5;
+    /// One day, as the upper bound of the automatic start delay.
+    pub const MAX_START_DELAY_S: u32 = 86_400;
+}
+
+/// A name (VM, network adapter, switch): 1-100 characters, no control characters
+/// (so no NUL, newline or tab), no `/`, not only white space.
+pub fn check_name(field: &str, n: &str) -> Result<(), ConfigError> {
+    let count = n.chars().count();
+    if n.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if count > limits::NAME_MAX_CHARS {
+        return Err(invalid(
+            field,
+            format!(
+                "is {count} characters long; at most {} are allowed",
+                limits::NAME_MAX_CHARS
+            ),
+        ));
+    }
+    if let Some(c) = n.chars().find(|c| c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("must not contain control characters (found {c:?})"),
+        ));
+    }
+    if n.contains('/') {
+        return Err(invalid(field, "must not contain '/'"));
+    }
+    Ok(())
+}
+
+fn check_path(field: &str, p: &std::path::Path) -> Result<(), ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = p.as_os_str().as_bytes();
+    if b.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if b.len() > limits::PATH_MAX_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes long; paths are at most {} bytes",
+                b.len(),
+                limits::PATH_MAX_BYTES
+            ),
+        ));
+    }
+    if b.contains(&0) {
+        return Err(invalid(field, "must not contain NUL"));
+    }
+    Ok(())
+}
+
+/// Validation of what a caller gave, beyond [`VmConfig::validate`]. A value equal to
+/// the one in `old` (the configuration being changed) is not checked again, so a VM
+/// registered before these limits existed can still be renamed or edited.
+pub fn validate_input(c: &VmConfig, old: Option<&VmConfig>) -> Result<(), ConfigError> {
+    let same = |f: &dyn Fn(&VmConfig) -> bool| old.is_some_and(f);
+    if !same(&|o| o.name == c.name) {
+        check_name("name", &c.name)?;
+    }
+    if !same(&|o| o.notes == c.notes) {
+        if c.notes.len() > limits::NOTES_MAX_BYTES {
+            return Err(invalid(
+                "notes",
+                format!(
+                    "is {} bytes long; at most {} are allowed",
+                    c.notes.len(),
+                    limits::NOTES_MAX_BYTES
+                ),
+            ));
+        }
+        if let Some(ch) = c
+            .notes
+            .chars()
+            .find(|ch| ch.is_control() && !matches!(ch, '\n' | '\r' | '\t'))
+        {
+            return Err(invalid(
+                "notes",
+                format!("must not contain control characters other than newline and tab (found {ch:?})"),
+            ));
+        }
+    }
+    if !same(&|o| o.memory_mib == c.memory_mib) {
+        if c.memory_mib < limits::MEMORY_MIN_MIB {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "{} MiB is below the minimum of {} MiB",
+                    c.memory_mib,
+                    limits::MEMORY_MIN_MIB
+                ),
+            ));
+        }
+        if c.memory_mib % limits::MEMORY_ALIGN_MIB != 0 {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "{} MiB is not a multiple of {} MiB",
+                    c.memory_mib,
+                    limits::MEMORY_ALIGN_MIB
+                ),
+            ));
+        }
+    }
+    let qemu_max = match c.generation {
+        Generation::Gen1 => limits::QEMU_MAX_VCPUS_PC,
+        Generation::Gen2 => limits::QEMU_MAX_VCPUS_Q35,
+    };
+    if c.cpu.count > qemu_max && !same(&|o| o.cpu.count == c.cpu.count) {
+        return Err(invalid(
+            "cpu.count",
+            format!(
+                "{} virtual processors requested; a generation {} VM has at most {qemu_max}",
+                c.cpu.count,
+                match c.generation {
+                    Generation::Gen1 => 1,
+                    Generation::Gen2 => 2,
+                }
+            ),
+        ));
+    }
+    if c.automatic_start_delay_s > limits::MAX_START_DELAY_S {
+        return Err(invalid(
+            "automatic_start_delay_s",
+            format!("must be at most {} seconds", limits::MAX_START_DELAY_S),
+        ));
+    }
+    if c.boot_order.len() > limits::MAX_BOOT_ENTRIES {
+        return Err(invalid(
+            "boot_order",
+            format!("at most {} entries", limits::MAX_BOOT_ENTRIES),
+        ));
+    }
+    for (i, d) in c.hard_drives.iter().enumerate() {
+        check_path(&format!("hard_drives[{i}].path"), &d.path)?;
+    }
+    for (i, d) in c.dvd_drives.iter().enumerate() {
+        if let Some(p) = &d.path {
+            check_path(&format!("dvd_drives[{i}].path"), p)?;
+        }
+    }
+    if let Some(p) = &c.floppy {
+        check_path("floppy", p)?;
+    }
+    if let Some(b) = &c.direct_boot {
+        check_path("direct_boot.kernel", &b.kernel)?;
+        if let Some(i) = &b.initrd {
+            check_path("direct_boot.initrd", i)?;
+        }
+        if b.cmdline.len() > limits::CMDLINE_MAX_BYTES {
+            return Err(invalid(
+                "direct_boot.cmdline",
+                format!(
+                    "is {} bytes long; the kernel takes at most {}",
+                    b.cmdline.len(),
+                    limits::CMDLINE_MAX_BYTES
+                ),
+            ));
+        }
+        if b.cmdline.chars().any(|ch| ch.is_control()) {
+            return Err(invalid(
+                "direct_boot.cmdline",
+                "must not contain control characters",
+            ));
+        }
+    }
+    let (mut synthetic, mut legacy) = (0, 0);
+    for (i, n) in c.network_adapters.iter().enumerate() {
+        let was = old.and_then(|o| o.network_adapters.iter().find(|x| x.id == n.id));
+        if was.is_none_or(|w| w.name != n.name) {
+            check_name(&format!("network_adapters[{i}].name"), &n.name)?;
+        }
+        if let NicConnection::Switch { name } = &n.connection {
+            if was.is_none_or(|w| w.connection != n.connection) {
+                check_name(&format!("network_adapters[{i}].connection.name"), name)?;
+            }
+        }
+        if let Some(m) = &n.static_mac {
+            if m.len() > 32 || m.chars().any(|ch| ch.is_control()) {
+                return Err(invalid(
+                    format!("network_adapters[{i}].static_mac"),
+                    "is not a MAC address",
+                ));
+            }
+        }
+        match n.kind {
+            NicKind::Synthetic => synthetic += 1,
+            NicKind::Legacy => legacy += 1,
+        }
+    }
+    if synthetic > limits::MAX_SYNTHETIC_NICS || legacy > limits::MAX_LEGACY_NICS {
+        return Err(invalid(
+            "network_adapters",
+            format!(
+                "{synthetic} synthetic and {legacy} legacy adapters; at most {} and {} are allowed",
+                limits::MAX_SYNTHETIC_NICS,
+                limits::MAX_LEGACY_NICS
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl VmConfig {
@@ -457,3 +709,4 @@ mod tests {
 
 /// Types of the fvd REST API (shared by fvd and the `fv` CLI).
 pub mod api;
+pub mod state;

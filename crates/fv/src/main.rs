@@ -86,7 +86,7 @@ fn main() {
     if let Err(e) = res {
         let code = output::exit_code(&e);
         if out == OutputFormat::Json {
-            println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            output::line(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
         } else {
             eprintln!("fv: {e:#}");
         }

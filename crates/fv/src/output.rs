@@ -55,7 +55,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 pub fn emit<T: Serialize>(out: OutputFormat, value: &T, table: impl FnOnce() -> Vec<Vec<String>>) {
     match out {
         OutputFormat::Json => match serde_json::to_string_pretty(value) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => line(&s),
             Err(e) => eprintln!("fv: cannot encode output: {e}"),
         },
         OutputFormat::Table => print_table(&table()),
@@ -72,17 +72,33 @@ pub fn print_table(rows: &[Vec<String>]) {
         }
     }
     for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i + 1 == r.len() {
-                    c.clone()
-                } else {
-                    format!("{c:<width$}", width = w[i])
-                }
-            })
-            .collect();
-        println!("{}", line.join("  ").trim_end());
+        // Padded by hand: format!'s width is limited to u16, and a cell may be longer.
+        let mut l = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            if i + 1 < r.len() {
+                let pad = w[i].saturating_sub(c.chars().count());
+                l.extend(std::iter::repeat(' ').take(pad));
+            }
+        }
+        line(l.trim_end());
+    }
+}
+
+/// One line on stdout. A closed pipe (`fv … | head`) ends the program quietly, as
+/// a program under the default SIGPIPE would (Rust ignores SIGPIPE, so `println!`
+/// would panic instead).
+pub fn line(s: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{s}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("fv: cannot write to standard output: {e}");
+        std::process::exit(1);
     }
 }

@@ -29,8 +29,26 @@ pub enum DiskError {
     Unaligned { offset: u64, len: u64, sector: u32 },
     #[error("{path}: opened read-only")]
     ReadOnly { path: PathBuf },
-    #[error("{path}: the log is dirty and needs replay; open it writable (or pass --replay-log)")]
+    #[error("{path}: the log is dirty and needs replay: run `fv vhd check --repair` (or open the image writable)")]
     DirtyLog { path: PathBuf },
+    /// Structural damage found at open (e.g. a BAT entry pointing into the headers):
+    /// a writable open is refused so guest writes cannot destroy the metadata.
+    #[error("{path}: damaged {format} image, refusing a writable open: {damage}; {remedy}")]
+    Damaged {
+        path: PathBuf,
+        format: &'static str,
+        damage: String,
+        remedy: String,
+    },
+    /// A read of a block whose allocation entry is damaged (read-only opens serve the
+    /// sound blocks and refuse these).
+    #[error("{path}: guest offset {offset} lies in damaged block {block}: {reason}; run `fv vhd check --repair`")]
+    DamagedBlock {
+        path: PathBuf,
+        offset: u64,
+        block: u64,
+        reason: String,
+    },
     #[error("broken chain: {child} -> {parent}: {reason}")]
     BrokenChain {
         child: PathBuf,
@@ -51,6 +69,17 @@ pub enum DiskError {
     },
     #[error("{path}: {reason}")]
     Refused { path: PathBuf, reason: String },
+    /// Another open (ours or QEMU's) holds the image's lock bytes in a way that
+    /// excludes this open.
+    #[error("{path}: in use by {holder}; cannot open it {wanted}")]
+    Locked {
+        path: PathBuf,
+        /// The holders, as one phrase ("pid 42 (qemu-nbd) holding it read-write").
+        holder: String,
+        holders: Vec<crate::LockHolder>,
+        /// "read-write" or "read-only".
+        wanted: &'static str,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("cancelled")]

@@ -48,7 +48,11 @@ impl VhdxFile {
     fn used_ranges(&self, st: &State) -> Vec<(u64, u64, String)> {
         let mut v = vec![
             (0, MIB, "header area".to_string()),
-            (st.log_offset, st.log_offset + st.log_length, "log".into()),
+            (
+                st.log_offset,
+                st.log_offset.saturating_add(st.log_length),
+                "log".into(),
+            ),
             (
                 st.meta_offset,
                 st.meta_offset + st.meta_length,
@@ -67,7 +71,7 @@ impl VhdxFile {
             if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
                 v.push((
                     entry_offset(e),
-                    entry_offset(e) + g.block_size,
+                    entry_offset(e).saturating_add(g.block_size),
                     format!("block {blk}"),
                 ));
             }
@@ -78,7 +82,7 @@ impl VhdxFile {
                 if bat_state(e) == SB_PRESENT {
                     v.push((
                         entry_offset(e),
-                        entry_offset(e) + MIB,
+                        entry_offset(e).saturating_add(MIB),
                         format!("sector bitmap {c}"),
                     ));
                 }
@@ -111,7 +115,14 @@ impl VhdxFile {
 
 impl Image for VhdxFile {
     fn set_parent(&self, parent: &ParentSpec) -> Result<()> {
-        self.writable()?;
+        // A damaged parent link is what set-parent repairs; any other damage refuses.
+        if self.damage_kind() != 1 {
+            self.writable()?;
+        } else if self.read_only() {
+            return Err(DiskError::ReadOnly {
+                path: self.io.path.clone(),
+            });
+        }
         let mut st = self.state.write();
         if !st.geo.has_parent {
             return Err(DiskError::Refused {
@@ -167,6 +178,8 @@ impl Image for VhdxFile {
         self.commit(&mut st, pages)?;
         st.meta_entries = entries;
         st.locator_kv = kv;
+        let d = crate::layout::validate(&st, self.io.len()?.max(st.file_len));
+        self.set_damage(&mut st, d);
         self.publish(&st);
         Ok(())
     }
@@ -367,9 +380,17 @@ impl Image for VhdxFile {
 
     fn check(&self, repair: bool) -> Result<CheckReport> {
         let mut r = CheckReport {
-            log_replayed: self.log_was_replayed(),
+            // Only what reached the file: an in-memory replay changed nothing.
+            log_replayed: self.log_written_to_file(),
             ..Default::default()
         };
+        if self.log_was_replayed() && !self.log_written_to_file() {
+            r.warnings.push(
+                "the log holds changes not yet written into the file (read here from memory); `fv vhd check --repair` replays them"
+                    .into(),
+            );
+        }
+        let can_repair = repair && !self.read_only();
         let mut st = self.state.write();
         // Headers.
         for (i, off) in HEADER_OFFSETS.iter().enumerate() {
@@ -378,7 +399,7 @@ impl Image for VhdxFile {
             if Header::parse(&b).is_none() {
                 r.warnings
                     .push(format!("header {} has a bad signature or checksum", i + 1));
-                if repair && !self.read_only() && i != st.hdr_slot {
+                if can_repair && i != st.hdr_slot {
                     self.write_header(&mut st)?;
                     self.io.sync()?;
                     r.repaired.push(format!("rewrote header {}", i + 1));
@@ -400,95 +421,60 @@ impl Image for VhdxFile {
                 }
             }
         }
-        // BAT states and offsets.
-        let g = st.geo.clone();
-        let file_len = st.file_len;
-        let mut drop_blocks = Vec::new();
-        for blk in 0..g.data_blocks() {
-            let e = st.block_entry(blk);
-            let s = bat_state(e);
-            let valid = matches!(
-                s,
-                PAYLOAD_NOT_PRESENT
-                    | PAYLOAD_UNDEFINED
-                    | PAYLOAD_ZERO
-                    | PAYLOAD_UNMAPPED
-                    | PAYLOAD_FULLY_PRESENT
-            ) || (s == PAYLOAD_PARTIALLY_PRESENT && g.has_parent);
-            if !valid {
-                r.errors.push(format!(
-                    "block {blk}: state {s} is invalid for a {:?} disk",
-                    g.kind()
-                ));
-                drop_blocks.push(blk);
-                continue;
-            }
-            if (s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT)
-                && (entry_offset(e) < MIB || entry_offset(e) + g.block_size > file_len)
-            {
-                r.errors.push(format!(
-                    "block {blk}: offset {} is outside the file",
-                    entry_offset(e)
-                ));
-                drop_blocks.push(blk);
-            }
-        }
-        for c in 0..g.data_blocks().div_ceil(g.chunk_ratio) {
-            let e = st.entry(g.sb_index(c));
-            match bat_state(e) {
-                SB_NOT_PRESENT => {}
-                SB_PRESENT if g.has_parent => {
-                    if entry_offset(e) < MIB || entry_offset(e) + MIB > file_len {
-                        r.errors.push(format!(
-                            "sector bitmap {c}: offset {} is outside the file",
-                            entry_offset(e)
-                        ));
-                    }
-                }
-                s => r.errors.push(format!(
-                    "sector bitmap {c}: state {s} is invalid for a {:?} disk",
-                    g.kind()
-                )),
-            }
-        }
-        let used = self.used_ranges(&st);
-        for w in used.windows(2) {
-            if w[1].0 < w[0].1 {
-                r.errors.push(format!("{} overlaps {}", w[0].2, w[1].2));
-            }
-        }
-        let used_end = used.iter().map(|u| u.1).max().unwrap_or(0);
-        if file_len > round_up(used_end, MIB) {
-            r.warnings.push(format!(
-                "{} bytes past the last block are unused",
-                file_len - round_up(used_end, MIB)
-            ));
-        }
-        if repair && !self.read_only() {
+        // BAT entries, sector bitmaps, metadata items and the parent link, against
+        // the layout (the same validation as at open, on the current state).
+        let file_len = self.io.len()?.max(st.file_len);
+        let damage = crate::layout::validate(&st, file_len);
+        if can_repair && (!damage.clear.is_empty() || (good.is_some() && !bad.is_empty())) {
             let mut extra = Vec::new();
+            let mut done = Vec::new();
             if let Some(t) = &good {
                 for off in &bad {
                     for (i, c) in t.chunks(4096).enumerate() {
                         extra.push((off + i as u64 * 4096, c.to_vec()));
                     }
-                    r.repaired
-                        .push(format!("rewrote the region table copy at {off}"));
+                    done.push(format!("rewrote the region table copy at {off}"));
                 }
             }
-            for blk in &drop_blocks {
-                let s = if g.has_parent {
-                    PAYLOAD_NOT_PRESENT
-                } else {
-                    PAYLOAD_ZERO
-                };
-                st.set_block(*blk, bat_entry(s, 0));
-                r.repaired
-                    .push(format!("block {blk}: cleared an invalid BAT entry"));
+            let g = st.geo.clone();
+            for (idx, (v, what)) in &damage.clear {
+                st.set_entry(*idx, *v);
+                done.push(what.clone());
             }
-            if !extra.is_empty() || !drop_blocks.is_empty() {
-                self.before_modify(&mut st, !drop_blocks.is_empty())?;
-                self.commit(&mut st, extra)?;
+            for blk in damage.blocks.keys() {
+                st.bitmaps.remove(blk);
+                st.dirty_bitmaps.remove(blk);
             }
+            // A cleared sector bitmap block no longer backs any block's bitmap.
+            st.dirty_bitmaps
+                .retain(|blk| !damage.clear.contains_key(&g.sb_index(blk / g.chunk_ratio)));
+            self.before_modify(&mut st, !damage.clear.is_empty())?;
+            self.commit(&mut st, extra)?;
+            r.repaired.extend(done);
+            let after = crate::layout::validate(&st, self.io.len()?.max(st.file_len));
+            r.errors.extend(after.list.iter().cloned());
+            self.set_damage(&mut st, after);
+            crate::VhdxFile::load_bitmaps(&self.io, &mut st)?;
+        } else {
+            r.errors.extend(damage.list.iter().cloned());
+        }
+        if !damage.is_empty() && !can_repair {
+            r.warnings
+                .push(format!("to fix the errors: {}", damage.remedy()));
+        }
+        let used = self.used_ranges(&st);
+        let used_end = used
+            .iter()
+            .map(|u| u.1)
+            .filter(|e| *e <= file_len)
+            .max()
+            .unwrap_or(0);
+        let used_end = used_end.div_ceil(MIB).saturating_mul(MIB);
+        if file_len > used_end {
+            r.warnings.push(format!(
+                "{} bytes past the last block are unused",
+                file_len - used_end
+            ));
         }
         Ok(r)
     }

@@ -14,6 +14,7 @@
 mod create;
 pub mod format;
 mod image;
+mod layout;
 
 use format::*;
 use fv_vdisk_core::{
@@ -26,7 +27,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use uuid::Uuid;
 
@@ -252,6 +253,8 @@ pub(crate) struct State {
     pub file_len: u64,
     pub file_guid_done: bool,
     pub log_seq: u64,
+    /// Structural damage found by validation (empty on a sound image).
+    pub damage: layout::Damage,
 }
 
 impl State {
@@ -310,6 +313,10 @@ pub struct VhdxFile {
     snaps: Snap,
     pub(crate) state: RwLock<State>,
     log_replayed: bool,
+    /// The open wrote a replayed log into the file (not just into memory).
+    log_in_file: bool,
+    /// [`layout::Damage::kind`] of the current damage: writes are refused unless 0.
+    damaged: AtomicU8,
     data_guid_done: AtomicBool,
     crash_after_log_write: AtomicBool,
     poisoned: AtomicBool,
@@ -355,8 +362,32 @@ fn round_up(v: u64, a: u64) -> u64 {
 }
 
 impl VhdxFile {
-    /// Open an existing image.
+    /// Open an existing image. A writable open of an image with structural damage
+    /// (see [`VhdxFile::damage`]) is refused with [`DiskError::Damaged`]; a
+    /// read-only open serves the sound blocks and refuses reads of damaged ones.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<VhdxFile> {
+        Self::open_with(path, opts, false)
+    }
+
+    /// Open writable for `check --repair`: structural damage does not refuse the
+    /// open, but the handle refuses every change except [`Image::check`] with
+    /// repair (and `set_parent` when only the parent link is damaged) until the
+    /// damage is gone. A dirty log is still replayed only when the replayed image
+    /// opens; otherwise the file is left untouched.
+    ///
+    /// [`Image::check`]: fv_vdisk_core::Image::check
+    pub fn open_for_repair(path: &Path) -> Result<VhdxFile> {
+        Self::open_with(
+            path,
+            &OpenOptions {
+                read_only: false,
+                replay_log: true,
+            },
+            true,
+        )
+    }
+
+    fn open_with(path: &Path, opts: &OpenOptions, repair: bool) -> Result<VhdxFile> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
@@ -396,7 +427,7 @@ impl VhdxFile {
             io.read(*off, &mut b)?;
             hdrs[i] = Header::parse(&b);
         }
-        let (mut hdr, mut hdr_slot) = match (&hdrs[0], &hdrs[1]) {
+        let (hdr, hdr_slot) = match (&hdrs[0], &hdrs[1]) {
             (Some(a), Some(b)) if b.sequence > a.sequence => (b.clone(), 1),
             (Some(a), _) => (a.clone(), 0),
             (None, Some(b)) => (b.clone(), 1),
@@ -435,8 +466,8 @@ impl VhdxFile {
             ));
         }
 
-        // Log replay.
-        let mut log_replayed = false;
+        // The log: what a replay would change, checked before anything is written.
+        let mut pending: Option<(Vec<LogOp>, u64, usize)> = None;
         let mut log_seq = 1;
         if !hdr.log_guid.is_nil() && log_length > 0 {
             let mut log = vec![0u8; log_length as usize];
@@ -449,73 +480,149 @@ impl VhdxFile {
                         head.flushed_file_offset
                     )));
                 }
+                if opts.read_only && !opts.replay_log {
+                    return Err(DiskError::DirtyLog {
+                        path: path.to_path_buf(),
+                    });
+                }
                 log_seq = head.sequence.wrapping_add(1).max(1);
                 let last = head.last_file_offset;
-                if opts.read_only {
-                    if !opts.replay_log {
-                        return Err(DiskError::DirtyLog {
-                            path: path.to_path_buf(),
-                        });
+                let entries = seq.len();
+                let mut ops = Vec::new();
+                for e in seq {
+                    for op in e.ops {
+                        let (o, l) = match &op {
+                            LogOp::Data { offset, data } => (*offset, data.len() as u64),
+                            LogOp::Zero { offset, length } => (*offset, *length),
+                        };
+                        layout::check_log_target(o, l, (log_offset, log_offset + log_length))
+                            .map_err(|w| {
+                                corrupt(format!("damaged log (entry {}): {w}", e.sequence))
+                            })?;
+                        ops.push(op);
                     }
-                    let mut ops: Vec<LogOp> = seq.into_iter().flat_map(|e| e.ops).collect();
-                    if last > file_len {
-                        ops.insert(
-                            0,
-                            LogOp::Zero {
-                                offset: file_len,
-                                length: last - file_len,
-                            },
-                        );
-                    }
-                    io.overlay = ops;
-                } else {
-                    for e in &seq {
-                        for op in &e.ops {
-                            match op {
-                                LogOp::Data { offset, data } => io.write(*offset, data)?,
-                                LogOp::Zero { offset, length } => {
-                                    if offset.saturating_add(*length)
-                                        > file_len.max(last).max(MAX_VIRTUAL_SIZE)
-                                    {
-                                        return Err(corrupt(format!(
-                                            "log zero descriptor {offset}+{length} is out of range"
-                                        )));
-                                    }
-                                    let z = vec![0u8; MIB as usize];
-                                    let mut done = 0;
-                                    while done < *length {
-                                        let n = (*length - done).min(MIB);
-                                        io.write(offset + done, &z[..n as usize])?;
-                                        done += n;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    if io.len()? < last {
-                        io.set_len(last)?;
-                    }
-                    io.sync()?;
                 }
-                log_replayed = true;
-            }
-            if !opts.read_only {
-                // The log is empty (replayed or without a valid sequence): clear it.
-                let mut h = hdr.clone();
-                h.sequence += 1;
-                h.log_guid = Uuid::nil();
-                hdr_slot = 1 - hdr_slot;
-                io.write(HEADER_OFFSETS[hdr_slot], &h.to_bytes())?;
-                io.sync()?;
-                hdr = h;
+                if last > file_len {
+                    // LastFileOffset: the file had grown to here.
+                    ops.insert(
+                        0,
+                        LogOp::Zero {
+                            offset: file_len,
+                            length: last - file_len,
+                        },
+                    );
+                }
+                pending = Some((ops, last, entries));
             }
         }
-        let file_len = if io.overlay.is_empty() {
-            io.len()?
+        // Parse the image as the replay would leave it (in memory), so a replay that
+        // would not open is refused before it reaches the file.
+        if let Some((ops, _, _)) = &pending {
+            io.overlay = ops.clone();
+        }
+        let layout_len = if io.overlay.is_empty() {
+            file_len
         } else {
             io.virtual_len()?
         };
+        let mut st = Self::load(
+            &io,
+            hdr.clone(),
+            hdr_slot,
+            layout_len,
+            log_seq,
+            log_offset,
+            log_length,
+        )?;
+        if let Some((ops, last, _)) = &pending {
+            let limit = layout::plausible_extent(&st, file_len);
+            for op in ops {
+                let (o, l) = match op {
+                    LogOp::Data { offset, data } => (*offset, data.len() as u64),
+                    LogOp::Zero { offset, length } => (*offset, *length),
+                };
+                let end = o.saturating_add(l);
+                if end > limit {
+                    return Err(corrupt(format!(
+                        "damaged log: a descriptor writes {o}+{l}, beyond the {limit} bytes this image can plausibly need"
+                    )));
+                }
+            }
+            if *last > limit {
+                return Err(corrupt(format!(
+                    "damaged log: LastFileOffset {last} is beyond the {limit} bytes this image can plausibly need"
+                )));
+            }
+        }
+        let log_replayed = pending.is_some();
+        let mut log_in_file = false;
+        if !opts.read_only {
+            if !st.damage.is_empty() && !repair {
+                return Err(DiskError::Damaged {
+                    path: path.to_path_buf(),
+                    format: FMT,
+                    damage: st.damage.summary(),
+                    remedy: st.damage.remedy(),
+                });
+            }
+            if let Some((ops, _, _)) = pending.take() {
+                io.overlay.clear();
+                Self::apply_replay(&io, &ops)?;
+                log_in_file = true;
+            }
+            if !hdr.log_guid.is_nil() && log_length > 0 {
+                // The log is empty (replayed or without a valid sequence): clear it.
+                let mut h = hdr.clone();
+                h.sequence = h.sequence.wrapping_add(1);
+                h.log_guid = Uuid::nil();
+                let slot = 1 - hdr_slot;
+                io.write(HEADER_OFFSETS[slot], &h.to_bytes())?;
+                io.sync()?;
+                st = if log_in_file {
+                    Self::load(&io, h, slot, io.len()?, log_seq, log_offset, log_length)?
+                } else {
+                    st.hdr = h;
+                    st.hdr_slot = slot;
+                    st
+                };
+            }
+        }
 
+        let info = info_from_state(&st);
+        let locator = st.geo.has_parent.then(|| locator_from_kv(&st.locator_kv));
+        let damaged = AtomicU8::new(st.damage.kind());
+        Ok(VhdxFile {
+            io,
+            read_only: opts.read_only,
+            snaps: Snap {
+                info,
+                locator,
+                next: OnceLock::new(),
+            },
+            state: RwLock::new(st),
+            log_replayed,
+            log_in_file,
+            damaged,
+            data_guid_done: AtomicBool::new(false),
+            crash_after_log_write: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Parse regions, metadata and the BAT of a file of `file_len` bytes (through
+    /// the overlay of an in-memory replay, if any) and validate them.
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        io: &Io,
+        hdr: Header,
+        hdr_slot: usize,
+        file_len: u64,
+        log_seq: u64,
+        log_offset: u64,
+        log_length: u64,
+    ) -> Result<State> {
+        let path = io.path.as_path();
+        let corrupt = |r: String| DiskError::corrupt(path, FMT, r);
         // Region table: first valid copy.
         let mut regions = None;
         let mut region_err = String::new();
@@ -670,7 +777,6 @@ impl VhdxFile {
         let bat: Vec<u64> = raw.chunks_exact(8).map(|c| u64_at(c, 0)).collect();
         drop(raw);
 
-        let mut end = file_len;
         let mut st = State {
             hdr,
             hdr_slot,
@@ -693,23 +799,38 @@ impl VhdxFile {
             file_len,
             file_guid_done: false,
             log_seq,
+            damage: layout::Damage::default(),
         };
-        // Load the bitmaps of partially present blocks; find the end of used space.
+        st.damage = layout::validate(&st, file_len);
+        Self::load_bitmaps(io, &mut st)?;
+        Ok(st)
+    }
+
+    /// Load the sector bitmaps of sound partially present blocks and place the next
+    /// allocation past every structure and sound block.
+    pub(crate) fn load_bitmaps(io: &Io, st: &mut State) -> Result<()> {
         let g = st.geo.clone();
         let bb = g.bitmap_bytes();
+        let mut end = st.file_len.max(
+            layout::fixed_ranges(st)
+                .iter()
+                .map(|f| f.1)
+                .max()
+                .unwrap_or(MIB),
+        );
+        st.bitmaps.clear();
         for blk in 0..g.data_blocks() {
+            if st.damage.blocks.contains_key(&blk) {
+                continue;
+            }
             let e = st.block_entry(blk);
             let s = bat_state(e);
             if s == PAYLOAD_FULLY_PRESENT || s == PAYLOAD_PARTIALLY_PRESENT {
                 end = end.max(entry_offset(e).saturating_add(g.block_size));
             }
             if s == PAYLOAD_PARTIALLY_PRESENT && g.has_parent {
+                // validate() made sure this sector bitmap block is present and sound.
                 let sbe = st.entry(g.sb_index(blk / g.chunk_ratio));
-                if bat_state(sbe) != SB_PRESENT {
-                    return Err(corrupt(format!(
-                        "block {blk} is partially present but its sector bitmap block is not"
-                    )));
-                }
                 let off = entry_offset(sbe) + (blk % g.chunk_ratio) * bb as u64;
                 let mut b = vec![0u8; bb];
                 io.read(off, &mut b)?;
@@ -718,30 +839,46 @@ impl VhdxFile {
         }
         if g.has_parent {
             for c in 0..g.data_blocks().div_ceil(g.chunk_ratio) {
-                let e = st.entry(g.sb_index(c));
-                if bat_state(e) == SB_PRESENT {
+                let idx = g.sb_index(c);
+                let e = st.entry(idx);
+                if bat_state(e) == SB_PRESENT && !st.damage.clear.contains_key(&idx) {
                     end = end.max(entry_offset(e).saturating_add(MIB));
                 }
             }
         }
-        st.file_end = round_up(end, MIB);
+        st.file_end = end.div_ceil(MIB).saturating_mul(MIB);
+        Ok(())
+    }
 
-        let info = info_from_state(&st);
-        let locator = has_parent.then(|| locator_from_kv(&st.locator_kv));
-        Ok(VhdxFile {
-            io,
-            read_only: opts.read_only,
-            snaps: Snap {
-                info,
-                locator,
-                next: OnceLock::new(),
-            },
-            state: RwLock::new(st),
-            log_replayed,
-            data_guid_done: AtomicBool::new(false),
-            crash_after_log_write: AtomicBool::new(false),
-            poisoned: AtomicBool::new(false),
-        })
+    /// Write a validated replay into the file. Zero descriptors beyond the current end
+    /// of the file are not written (new space reads as zeros): the cost is bounded by
+    /// the file, not by what the log claims.
+    fn apply_replay(io: &Io, ops: &[LogOp]) -> Result<()> {
+        let mut cur = io.len()?;
+        let mut want = cur;
+        let z = vec![0u8; MIB as usize];
+        for op in ops {
+            match op {
+                LogOp::Data { offset, data } => {
+                    io.write(*offset, data)?;
+                    cur = cur.max(offset.saturating_add(data.len() as u64));
+                }
+                LogOp::Zero { offset, length } => {
+                    let end = offset.saturating_add(*length);
+                    let mut o = *offset;
+                    while o < end.min(cur) {
+                        let n = (end.min(cur) - o).min(MIB);
+                        io.write(o, &z[..n as usize])?;
+                        o += n;
+                    }
+                    want = want.max(end);
+                }
+            }
+        }
+        if cur < want {
+            io.set_len(want)?;
+        }
+        io.sync()
     }
 
     /// Create a new image (crash-safe: built under a temporary name, then linked in).
@@ -776,6 +913,19 @@ impl VhdxFile {
         self.io.corrupt(reason)
     }
 
+    /// A damaged block is never served: its entry may point at someone else's bytes.
+    fn refuse_damaged(&self, st: &State, blk: u64, offset: u64) -> Result<()> {
+        match st.damage.blocks.get(&blk) {
+            Some(why) => Err(DiskError::DamagedBlock {
+                path: self.io.path.clone(),
+                offset,
+                block: blk,
+                reason: why.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(DiskError::ReadOnly {
@@ -788,7 +938,41 @@ impl VhdxFile {
                 reason: "handle stopped after a failed metadata commit".into(),
             });
         }
+        if self.damaged.load(Ordering::SeqCst) != 0 {
+            return Err(self.damaged_error());
+        }
         Ok(())
+    }
+
+    pub(crate) fn damaged_error(&self) -> DiskError {
+        let st = self.state.read();
+        DiskError::Damaged {
+            path: self.io.path.clone(),
+            format: FMT,
+            damage: st.damage.summary(),
+            remedy: st.damage.remedy(),
+        }
+    }
+
+    /// Structural damage found at open (or left after a repair): one sentence per
+    /// problem. Empty for a sound image; a writable open is only possible then.
+    pub fn damage(&self) -> Vec<String> {
+        self.state.read().damage.list.clone()
+    }
+
+    /// Whether the open wrote a replayed log into the file (a read-only open
+    /// replays into memory only; see [`VhdxFile::log_was_replayed`]).
+    pub fn log_written_to_file(&self) -> bool {
+        self.log_in_file
+    }
+
+    pub(crate) fn damage_kind(&self) -> u8 {
+        self.damaged.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_damage(&self, st: &mut State, d: layout::Damage) {
+        self.damaged.store(d.kind(), Ordering::SeqCst);
+        st.damage = d;
     }
 
     pub(crate) fn publish(&self, st: &State) {
@@ -885,6 +1069,32 @@ impl VhdxFile {
         st.bitmaps
             .get(&blk)
             .is_some_and(|b| b.iter().all(|x| *x == want))
+    }
+
+    /// Whether `[off, off+len)` lies inside a structure metadata commits may change:
+    /// a region table copy, the BAT, the metadata region or a present sector bitmap
+    /// block (checked for every logged page, so no bug can aim the log elsewhere).
+    fn metadata_target(st: &State, off: u64, len: u64) -> bool {
+        let Some(end) = off.checked_add(len) else {
+            return false;
+        };
+        let inside = |s: u64, l: u64| off >= s && s.checked_add(l).is_some_and(|e| end <= e);
+        if REGION_OFFSETS
+            .iter()
+            .any(|r| inside(*r, REGION_TABLE_SIZE as u64))
+            || inside(st.bat_offset, st.bat_length)
+            || inside(st.meta_offset, st.meta_length)
+        {
+            return true;
+        }
+        if !st.geo.has_parent {
+            return false;
+        }
+        let g = &st.geo;
+        (0..g.data_blocks().div_ceil(g.chunk_ratio)).any(|c| {
+            let e = st.entry(g.sb_index(c));
+            bat_state(e) == SB_PRESENT && inside(entry_offset(e), MIB)
+        })
     }
 
     /// Write inside one block under the write lock, allocating as needed.
@@ -1030,6 +1240,15 @@ impl VhdxFile {
     /// One log transaction: header with a fresh LogGuid + entry, fsync; apply, fsync;
     /// header with an empty log, fsync.
     fn log_and_apply(&self, st: &mut State, group: &[(u64, Vec<u8>)]) -> Result<()> {
+        for (off, data) in group {
+            if !Self::metadata_target(st, *off, data.len() as u64) {
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(self.corrupt(format!(
+                    "refusing to log a metadata write of {} bytes at {off}: it lies outside the BAT, the metadata region, the region tables and the sector bitmap blocks",
+                    data.len()
+                )));
+            }
+        }
         let guid = Uuid::new_v4();
         st.hdr.log_guid = guid;
         self.write_header(st)?;
@@ -1229,12 +1448,16 @@ impl Layer for VhdxFile {
         let g = &st.geo;
         check_range(offset, buf.len() as u64, g.virtual_size)?;
         let bs = g.block_size;
+        let damaged = !st.damage.blocks.is_empty();
         let mut pos = 0usize;
         while pos < buf.len() {
             let v = offset + pos as u64;
             let blk = v / bs;
             let in_blk = v % bs;
             let n = ((bs - in_blk) as usize).min(buf.len() - pos);
+            if damaged {
+                self.refuse_damaged(&st, blk, v)?;
+            }
             let e = st.block_entry(blk);
             let dst = &mut buf[pos..pos + n];
             match bat_state(e) {
@@ -1322,6 +1545,9 @@ impl Layer for VhdxFile {
             let blk = v / bs;
             let in_blk = v % bs;
             let n = (bs - in_blk).min(len - pos);
+            if !st.damage.blocks.is_empty() {
+                self.refuse_damaged(&st, blk, v)?;
+            }
             let e = st.block_entry(blk);
             let mut add = |o: u64, l: u64, state| {
                 out.push(Extent {

@@ -4,9 +4,20 @@
 //! footer copy (0), dynamic header (512), parent locator data (differencing, with
 //! slack so a later `set_parent` can write the new locator beside the old one),
 //! BAT, then blocks (sector bitmap padded to 512 bytes + data), footer at the end.
+//! New blocks are placed so their data starts on a 4 KiB boundary (the bitmap sits
+//! in the sectors just before it): a page-sized guest request then touches one page
+//! of the host's page cache, not two.
+//!
+//! Every open validates the layout (see `layout`): a writable open of a damaged
+//! image is refused with [`DiskError::Damaged`]; a read-only open serves the sound
+//! blocks and refuses reads of damaged ones with [`DiskError::DamagedBlock`];
+//! [`VhdFile::open_for_repair`] opens a damaged image for `check --repair` and
+//! `set-parent`.
 #![forbid(unsafe_code)]
 
 pub mod format;
+mod layout;
+pub mod structure_fuzz;
 
 use format::*;
 use fv_vdisk_core::{
@@ -14,13 +25,14 @@ use fv_vdisk_core::{
     DiskKind, Extent, ExtentState, Image, Layer, LayerIdentity, LayerInfo, ParentLocator,
     ParentSpec, Progress, Result,
 };
-use parking_lot::Mutex;
+use layout::{BlockFix, Damage};
+use parking_lot::{RwLock, RwLockUpgradableReadGuard, RwLockWriteGuard};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use uuid::Uuid;
 
 const FMT: &str = "VHD";
@@ -29,6 +41,8 @@ const MIN_CREATE_BLOCK: u32 = 512 << 10;
 /// Room reserved per parent locator at creation so `set_parent` can write the new
 /// locator into free space before switching the header over to it.
 const LOCATOR_SLOT: u64 = 8192;
+/// Block data is placed on page boundaries (see the crate docs).
+const PAGE: u64 = 4096;
 
 /// Does this look like a VHD? `last_512` is the file's last 512 bytes (the footer),
 /// `first_512` its first (the footer copy of dynamic disks).
@@ -36,13 +50,53 @@ pub fn probe(first_512: &[u8], last_512: &[u8]) -> bool {
     last_512.get(..8) == Some(&FOOTER_COOKIE[..]) || first_512.get(..8) == Some(&FOOTER_COOKIE[..])
 }
 
+/// Block indexes are small dense integers: a multiplicative hash is enough and far
+/// cheaper than SipHash on the per-request path.
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+type BlockMap<V> = HashMap<u32, V, BuildHasherDefault<BlockHasher>>;
+
+/// One block's sector bitmap, loaded on first use.
+struct Bitmap {
+    bits: Vec<u8>,
+    /// Every sector of the block is present: reads and rewrites skip the bits.
+    full: bool,
+}
+
+impl Bitmap {
+    fn new(bits: Vec<u8>, spb: u64) -> Self {
+        let full = run_len(&bits, 0, spb, true) == spb;
+        Bitmap { bits, full }
+    }
+}
+
+/// Geometry of a dynamic disk: block size, padded bitmap length, sectors per block.
+#[derive(Clone, Copy)]
+struct Geo {
+    bs: u64,
+    bml: u64,
+    spb: u64,
+}
+
 struct Meta {
     footer: Footer,
     header: Option<DynHeader>,
+    geo: Option<Geo>,
     bat: Vec<u32>,
-    /// Sector bitmaps of allocated blocks, loaded on first use. `Arc` so readers can
-    /// scan a bitmap without holding the lock while a writer updates a copy.
-    bitmaps: HashMap<u32, Arc<Vec<u8>>>,
+    bitmaps: BlockMap<Bitmap>,
     dirty_bitmaps: BTreeSet<u32>,
     /// BAT sectors (128 entries each) changed since the last flush.
     dirty_bat: BTreeSet<u32>,
@@ -53,6 +107,8 @@ struct Meta {
     stamped: bool,
     /// The end footer was unreadable and the copy at offset 0 was used.
     footer_missing: bool,
+    /// What layout validation found (empty on a sound image).
+    damage: Damage,
 }
 
 /// One VHD file.
@@ -62,11 +118,10 @@ pub struct VhdFile {
     read_only: bool,
     info: LayerInfo,
     locator: Option<ParentLocator>,
-    /// Locator entries that could not be read (reported by `check`).
-    locator_problems: Vec<String>,
-    meta: Mutex<Meta>,
-    /// Serialises writers (the contract allows one writer with many readers).
-    wlock: Mutex<()>,
+    /// One lock, taken once per request: reads share it, a write holds the
+    /// upgradable side (writers are serialised, readers go on) and upgrades only to
+    /// allocate a block, load a bitmap or set bits that were clear.
+    meta: RwLock<Meta>,
 }
 
 fn bit(bm: &[u8], i: u64) -> bool {
@@ -119,6 +174,11 @@ fn round512(n: u64) -> u64 {
     n.div_ceil(SECTOR) * SECTOR
 }
 
+/// Where a block appended at `end` starts so that its data is page-aligned.
+fn aligned_block_start(end: u64, bml: u64) -> u64 {
+    (round512(end) + bml).next_multiple_of(PAGE) - bml
+}
+
 /// Windows form of a relative path: ".\dir\file".
 fn windows_relative(rel: &str) -> String {
     let r = rel.replace('/', "\\");
@@ -137,6 +197,33 @@ fn host_relative(stored: &str) -> String {
         t = r;
     }
     t.to_string()
+}
+
+/// Locator as the chain opener wants it, from the sound decoded locators.
+fn parent_locator_of(h: &DynHeader, paths: &[layout::LocatorPath]) -> ParentLocator {
+    let mut loc = ParentLocator {
+        expected: Some(LayerIdentity::Vhd {
+            unique_id: h.parent_id,
+            timestamp: h.parent_timestamp,
+        }),
+        parent_name: Some(String::from_utf16_lossy(&h.parent_name)),
+        ..Default::default()
+    };
+    for p in paths {
+        match p.code {
+            PLAT_W2RU | PLAT_WI2R => {
+                if loc.relative_path.is_none() {
+                    loc.relative_path = Some(host_relative(&p.path))
+                }
+            }
+            _ => {
+                if loc.absolute_path.is_none() {
+                    loc.absolute_path = Some(p.path.clone())
+                }
+            }
+        }
+    }
+    loc
 }
 
 impl VhdFile {
@@ -162,6 +249,20 @@ impl VhdFile {
             .map_err(|e| DiskError::io("fsync", &self.path, e))
     }
 
+    fn file_len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| DiskError::io("stat", &self.path, e))?
+            .len())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| DiskError::io("truncate", &self.path, e))
+    }
+
     fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(DiskError::ReadOnly {
@@ -169,6 +270,24 @@ impl VhdFile {
             });
         }
         Ok(())
+    }
+
+    fn damaged_error(&self, d: &Damage) -> DiskError {
+        DiskError::Damaged {
+            path: self.path.clone(),
+            format: FMT,
+            damage: d.summary(),
+            remedy: d.remedy(),
+        }
+    }
+
+    /// Writes are refused while damage is known (only a repair handle gets here).
+    fn sound(&self, m: &Meta) -> Result<()> {
+        if m.damage.is_empty() {
+            Ok(())
+        } else {
+            Err(self.damaged_error(&m.damage))
+        }
     }
 
     fn aligned(offset: u64, len: u64) -> Result<()> {
@@ -182,8 +301,20 @@ impl VhdFile {
         Ok(())
     }
 
-    /// Open an existing VHD. Parents are not opened here (see `fv-vdisk`).
+    /// Open an existing VHD. Parents are not opened here (see `fv-vdisk`). A writable
+    /// open of an image whose layout is damaged is refused with
+    /// [`DiskError::Damaged`]; a read-only one serves the sound blocks.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Open writable for `check --repair` and `set-parent`: damage found at open does
+    /// not refuse the open, but writes of guest data stay refused until it is gone.
+    pub fn open_for_repair(path: &Path) -> Result<Self> {
+        Self::open_with(path, false, true)
+    }
+
+    fn open_with(path: &Path, read_only: bool, repair: bool) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -223,9 +354,9 @@ impl VhdFile {
             _ => DiskKind::Differencing,
         };
         let mut locator = None;
-        let mut locator_problems = Vec::new();
         let mut header = None;
         let mut bat = Vec::new();
+        let mut damage = Damage::default();
         let mut end = len - SECTOR;
         if kind == DiskKind::Fixed {
             if size > len - SECTOR {
@@ -236,107 +367,62 @@ impl VhdFile {
             }
         } else {
             let hoff = footer.data_offset;
-            if hoff % SECTOR != 0 || hoff.checked_add(1024).is_none_or(|e| e > len) {
+            let lim = layout::limit(len, footer_missing);
+            if !hoff.is_multiple_of(SECTOR)
+                || hoff < SECTOR
+                || hoff.checked_add(1024).is_none_or(|e| e > lim)
+            {
                 return Err(corrupt(format!(
-                    "dynamic header offset {hoff} is outside the file"
+                    "dynamic header offset {hoff} is not a sector offset between the footer copy and the footer"
                 )));
             }
             let mut hb = [0u8; 1024];
             rd(&mut hb, hoff)?;
             let h = DynHeader::parse(&hb).map_err(corrupt)?;
-            let bs = u64::from(h.block_size);
-            let needed = size.div_ceil(bs);
-            if needed > u64::from(h.max_table_entries) {
-                return Err(corrupt(format!(
-                    "BAT has {} entries but {needed} are needed for {size} bytes",
-                    h.max_table_entries
-                )));
-            }
+            layout::check_header(len, footer_missing, hoff, &h, size).map_err(corrupt)?;
             let bat_len = u64::from(h.max_table_entries) * 4;
-            if h.table_offset.checked_add(bat_len).is_none_or(|e| e > len) {
-                return Err(corrupt(format!(
-                    "BAT at {} runs past the end of the file",
-                    h.table_offset
-                )));
-            }
             let mut raw = vec![0u8; bat_len as usize];
             rd(&mut raw, h.table_offset)?;
             bat = raw
                 .chunks_exact(4)
                 .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            let bitmap_len = round512(bs / SECTOR / 8);
-            let block_total = bitmap_len + bs;
-            let mut max_end = round512(len);
-            for (i, &e) in bat.iter().enumerate().take(needed as usize) {
-                if e == BAT_UNUSED {
-                    continue;
-                }
-                let start = u64::from(e) * SECTOR;
-                let bend = start + block_total;
-                if start < hoff + 1024 && start + block_total > hoff {
-                    return Err(corrupt(format!("block {i} overlaps the dynamic header")));
-                }
-                if !footer_missing && bend > len - SECTOR {
-                    return Err(corrupt(format!(
-                        "block {i} at {start} extends past the footer at {}",
-                        len - SECTOR
-                    )));
-                }
-                max_end = max_end.max(bend);
-            }
+            let (d, paths) = {
+                let inp = layout::Input {
+                    file_len: len,
+                    footer_missing,
+                    differencing: kind == DiskKind::Differencing,
+                    header_offset: hoff,
+                    header: &h,
+                    bat: &bat,
+                };
+                layout::validate(&inp, &mut |off, n| {
+                    let mut b = vec![0u8; n];
+                    file.read_exact_at(&mut b, off).ok().map(|_| b)
+                })
+            };
+            damage = d;
             if footer_missing {
-                end = max_end.max(round512(h.table_offset + bat_len));
+                end = Self::structures_end(&h, hoff, &bat, &damage);
             }
             if kind == DiskKind::Differencing {
-                let mut loc = ParentLocator {
-                    expected: Some(LayerIdentity::Vhd {
-                        unique_id: h.parent_id,
-                        timestamp: h.parent_timestamp,
-                    }),
-                    parent_name: Some(String::from_utf16_lossy(&h.parent_name)),
-                    ..Default::default()
-                };
-                for (i, l) in h.locators.iter().enumerate() {
-                    if l.code == 0 {
-                        continue;
-                    }
-                    if l.data_len == 0 || l.data_len > MAX_LOCATOR_LEN {
-                        locator_problems.push(format!("locator {i}: bad length {}", l.data_len));
-                        continue;
-                    }
-                    if l.data_offset
-                        .checked_add(u64::from(l.data_len))
-                        .is_none_or(|e| e > len)
-                    {
-                        locator_problems.push(format!("locator {i}: data outside the file"));
-                        continue;
-                    }
-                    let mut d = vec![0u8; l.data_len as usize];
-                    rd(&mut d, l.data_offset)?;
-                    let Some(s) = decode_locator(l.code, &d) else {
-                        continue;
-                    };
-                    if s.is_empty() {
-                        continue;
-                    }
-                    match l.code {
-                        PLAT_W2RU | PLAT_WI2R => {
-                            if loc.relative_path.is_none() {
-                                loc.relative_path = Some(host_relative(&s))
-                            }
-                        }
-                        _ => {
-                            if loc.absolute_path.is_none() {
-                                loc.absolute_path = Some(s)
-                            }
-                        }
-                    }
-                }
-                locator = Some(loc);
+                locator = Some(parent_locator_of(&h, &paths));
             }
             header = Some(h);
         }
+        if !read_only && !repair && !damage.is_empty() {
+            return Err(DiskError::Damaged {
+                path: path.to_path_buf(),
+                format: FMT,
+                damage: damage.summary(),
+                remedy: damage.remedy(),
+            });
+        }
+        let geo = header.as_ref().map(|h| Geo {
+            bs: u64::from(h.block_size),
+            bml: layout::bitmap_len(h.block_size),
+            spb: u64::from(h.block_size) / SECTOR,
+        });
         let info = LayerInfo {
             format: DiskFormat::Vhd,
             kind,
@@ -356,21 +442,76 @@ impl VhdFile {
             read_only,
             info,
             locator,
-            locator_problems,
-            meta: Mutex::new(Meta {
+            meta: RwLock::new(Meta {
                 footer,
                 header,
+                geo,
                 bat,
-                bitmaps: HashMap::new(),
+                bitmaps: BlockMap::default(),
                 dirty_bitmaps: BTreeSet::new(),
                 dirty_bat: BTreeSet::new(),
                 end,
                 size,
                 stamped: false,
                 footer_missing,
+                damage,
             }),
-            wlock: Mutex::new(()),
         })
+    }
+
+    /// End of everything a repair keeps (metadata, sound blocks and blocks cut
+    /// short by the end of the file): where the footer goes when it is missing.
+    fn structures_end(h: &DynHeader, hoff: u64, bat: &[u32], d: &Damage) -> u64 {
+        let total = layout::bitmap_len(h.block_size) + u64::from(h.block_size);
+        let mut end = layout::bat_range(h).map_or(0, |r| r.end).max(hoff + 1024);
+        for l in h
+            .locators
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| l.code != 0 && !d.locators.contains(i) && l.data_len > 0)
+        {
+            end = end.max(l.1.data_offset.saturating_add(u64::from(l.1.data_len)));
+        }
+        for (i, &e) in bat.iter().enumerate() {
+            if e == BAT_UNUSED {
+                continue;
+            }
+            let keep = match d.fix.get(&(i as u32)) {
+                None => true,
+                Some(f) => *f == BlockFix::Extend,
+            };
+            if keep {
+                end = end.max(u64::from(e) * SECTOR + total);
+            }
+        }
+        round512(end)
+    }
+
+    /// Validate the current in-memory layout against the file as it is now.
+    fn revalidate(&self, m: &Meta) -> Result<(Damage, Vec<layout::LocatorPath>)> {
+        let (Some(h), false) = (&m.header, self.info.kind == DiskKind::Fixed) else {
+            return Ok((Damage::default(), Vec::new()));
+        };
+        let len = self.file_len()?;
+        let inp = layout::Input {
+            file_len: len,
+            footer_missing: m.footer_missing,
+            differencing: self.info.kind == DiskKind::Differencing,
+            header_offset: m.footer.data_offset,
+            header: h,
+            bat: &m.bat,
+        };
+        let (d, paths) = layout::validate(&inp, &mut |off, n| {
+            let mut b = vec![0u8; n];
+            self.file.read_exact_at(&mut b, off).ok().map(|_| b)
+        });
+        Ok((d, paths))
+    }
+
+    /// Structural damage found at open (or left after a repair), one sentence per
+    /// problem; empty on a sound image.
+    pub fn damage(&self) -> Vec<String> {
+        self.meta.read().damage.list.clone()
     }
 
     /// Create a new VHD (fails if the file exists) and open it writable.
@@ -488,27 +629,34 @@ impl VhdFile {
         Self::open(path, false)
     }
 
-    fn geometry(m: &Meta) -> Option<(u64, u64)> {
-        m.header.as_ref().map(|h| {
-            let bs = u64::from(h.block_size);
-            (bs, round512(bs / SECTOR / 8))
-        })
+    fn geo(&self, m: &Meta) -> Result<Geo> {
+        m.geo.ok_or_else(|| self.corrupt("no dynamic header"))
     }
 
-    fn load_bitmap(&self, m: &mut Meta, bi: u32) -> Result<Arc<Vec<u8>>> {
-        if let Some(b) = m.bitmaps.get(&bi) {
-            return Ok(b.clone());
+    /// Read `buf.len()` bytes at `off`; bytes past the end of the file read as zero.
+    fn read_padded(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let len = self.file_len()?;
+        buf.fill(0);
+        let have = len.saturating_sub(off).min(buf.len() as u64) as usize;
+        if have > 0 {
+            self.pread(&mut buf[..have], off)?;
         }
-        let (_, bml) = Self::geometry(m).ok_or_else(|| self.corrupt("no dynamic header"))?;
+        Ok(())
+    }
+
+    fn load_bitmap(&self, m: &mut Meta, bi: u32) -> Result<()> {
+        if m.bitmaps.contains_key(&bi) {
+            return Ok(());
+        }
+        let g = self.geo(m)?;
         let e = *m
             .bat
             .get(bi as usize)
             .ok_or_else(|| self.corrupt("block index out of range"))?;
-        let mut b = vec![0u8; bml as usize];
+        let mut b = vec![0u8; g.bml as usize];
         self.pread(&mut b, u64::from(e) * SECTOR)?;
-        let a = Arc::new(b);
-        m.bitmaps.insert(bi, a.clone());
-        Ok(a)
+        m.bitmaps.insert(bi, Bitmap::new(b, g.spb));
+        Ok(())
     }
 
     /// Bump the footer timestamp once per writable session, so children made from the
@@ -535,78 +683,105 @@ impl VhdFile {
 
     /// Append `len` bytes of space at the end: the footer is written after the new
     /// space first, then the old footer's sector is overwritten by `first` (the
-    /// first bytes of the new space), so the file always ends with a footer.
+    /// first bytes of the new space, at least one sector), so the file always ends
+    /// with a footer.
     fn append(&self, m: &mut Meta, len: u64, first: &[u8]) -> Result<u64> {
         let at = m.end;
-        let new_end = at + len;
-        if new_end + SECTOR > MAX_SIZE + (1 << 30) || (at / SECTOR) > u64::from(u32::MAX - 1) {
-            return Err(DiskError::Unsupported {
+        let new_end = at
+            .checked_add(len)
+            .filter(|e| e + SECTOR <= MAX_SIZE + (1 << 30))
+            .ok_or_else(|| DiskError::Unsupported {
                 path: self.path.clone(),
                 what: "VHD file would exceed 2 TiB".into(),
-            });
-        }
+            })?;
         self.pwrite(&m.footer.to_bytes(), new_end)?;
         self.pwrite(first, at)?;
         m.end = new_end;
         Ok(at)
     }
 
-    fn allocate(&self, m: &mut Meta, bi: u32) -> Result<u64> {
-        let (bs, bml) = Self::geometry(m).ok_or_else(|| self.corrupt("no dynamic header"))?;
-        if !m.end.is_multiple_of(SECTOR) {
-            m.end = round512(m.end);
+    /// Append a block whose data starts on a page boundary; `content` (bitmap and
+    /// data, or just a zero bitmap) is written at its start. Returns the block's
+    /// offset.
+    fn append_block(&self, m: &mut Meta, content: &[u8]) -> Result<u64> {
+        let g = self.geo(m)?;
+        m.end = round512(m.end);
+        let start = aligned_block_start(m.end, g.bml);
+        if start / SECTOR >= u64::from(BAT_UNUSED) {
+            return Err(DiskError::Unsupported {
+                path: self.path.clone(),
+                what: "VHD file would exceed 2 TiB (BAT entries are 32-bit sector numbers)".into(),
+            });
         }
-        let zero = vec![0u8; bml as usize];
-        let at = self.append(m, bml + bs, &zero)?;
-        let e = (at / SECTOR) as u32;
+        let gap = (start - m.end) as usize;
+        let mut first = vec![0u8; gap + content.len()];
+        first[gap..].copy_from_slice(content);
+        self.append(m, gap as u64 + g.bml + g.bs, &first)?;
+        Ok(start)
+    }
+
+    fn allocate(&self, m: &mut Meta, bi: u32) -> Result<u64> {
+        let g = self.geo(m)?;
+        let zero = vec![0u8; g.bml as usize];
+        let at = self.append_block(m, &zero)?;
         if let Some(slot) = m.bat.get_mut(bi as usize) {
-            *slot = e;
+            *slot = (at / SECTOR) as u32;
         }
         m.dirty_bat.insert(bi / 128);
-        m.bitmaps.insert(bi, Arc::new(zero));
+        m.bitmaps.insert(bi, Bitmap::new(zero, g.spb));
         Ok(at)
     }
 
-    fn read_dynamic(
+    /// Serve `buf[*pos..]` from `m`. Returns the block whose bitmap must be loaded
+    /// first (with `*pos` at its start), or `None` when done.
+    fn read_with(
         &self,
+        m: &Meta,
         offset: u64,
         buf: &mut [u8],
+        pos: &mut u64,
         absent: &mut Vec<Range<u64>>,
-    ) -> Result<()> {
-        let mut pos = 0u64;
+    ) -> Result<Option<u32>> {
+        let g = self.geo(m)?;
         let total = buf.len() as u64;
-        while pos < total {
-            let abs = offset + pos;
-            let (bs, bml, entry, bm) = {
-                let mut m = self.meta.lock();
-                let (bs, bml) =
-                    Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
-                let bi = (abs / bs) as u32;
-                let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
-                let bm = if e == BAT_UNUSED {
-                    None
-                } else {
-                    Some(self.load_bitmap(&mut m, bi)?)
+        while *pos < total {
+            let abs = offset + *pos;
+            let bi = (abs / g.bs) as u32;
+            let in_blk = abs % g.bs;
+            let n = (g.bs - in_blk).min(total - *pos);
+            let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
+            let b0 = *pos as usize;
+            if e == BAT_UNUSED {
+                push_range(absent, abs..abs + n);
+            } else {
+                if !m.damage.blocks.is_empty() {
+                    if let Some(why) = m.damage.blocks.get(&bi) {
+                        return Err(DiskError::DamagedBlock {
+                            path: self.path.clone(),
+                            offset: abs,
+                            block: u64::from(bi),
+                            reason: why.clone(),
+                        });
+                    }
+                }
+                let Some(bm) = m.bitmaps.get(&bi) else {
+                    return Ok(Some(bi));
                 };
-                (bs, bml, e, bm)
-            };
-            let in_blk = abs % bs;
-            let n = (bs - in_blk).min(total - pos);
-            match bm {
-                None => push_range(absent, abs..abs + n),
-                Some(bm) => {
-                    let data = u64::from(entry) * SECTOR + bml;
+                let data = u64::from(e) * SECTOR + g.bml;
+                if bm.full {
+                    self.pread(&mut buf[b0..b0 + n as usize], data + in_blk)?;
+                } else {
                     let s0 = in_blk / SECTOR;
                     let ns = n / SECTOR;
                     let mut i = 0;
                     while i < ns {
-                        let set = bit(&bm, s0 + i);
-                        let r = run_len(&bm, s0 + i, ns - i, set).max(1);
+                        let set = bit(&bm.bits, s0 + i);
+                        let r = run_len(&bm.bits, s0 + i, ns - i, set).max(1);
                         let a = abs + i * SECTOR;
                         let l = r * SECTOR;
                         if set {
-                            let b0 = (pos + i * SECTOR) as usize;
-                            self.pread(&mut buf[b0..b0 + l as usize], data + (s0 + i) * SECTOR)?;
+                            let o = b0 + (i * SECTOR) as usize;
+                            self.pread(&mut buf[o..o + l as usize], data + (s0 + i) * SECTOR)?;
                         } else {
                             push_range(absent, a..a + l);
                         }
@@ -614,69 +789,84 @@ impl VhdFile {
                     }
                 }
             }
-            pos += n;
+            *pos += n;
         }
-        Ok(())
+        Ok(None)
     }
 
-    fn write_dynamic(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// One request, one lock: the upgradable guard is held throughout and upgraded
+    /// only for allocation, bitmap loads and bits that change.
+    fn write_dynamic(
+        &self,
+        mut m: RwLockUpgradableReadGuard<'_, Meta>,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<()> {
+        let g = self.geo(&m)?;
         let mut pos = 0u64;
         let total = buf.len() as u64;
         while pos < total {
             let abs = offset + pos;
-            let (bs, bml, blk) = {
-                let mut m = self.meta.lock();
-                let (bs, bml) =
-                    Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
-                let bi = (abs / bs) as u32;
-                let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
-                let blk = if e == BAT_UNUSED {
-                    self.allocate(&mut m, bi)?
-                } else {
-                    u64::from(e) * SECTOR
-                };
-                (bs, bml, blk)
+            let bi = (abs / g.bs) as u32;
+            let in_blk = abs % g.bs;
+            let n = (g.bs - in_blk).min(total - pos);
+            let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
+            let blk = if e == BAT_UNUSED {
+                let mut w = RwLockUpgradableReadGuard::upgrade(m);
+                let at = self.allocate(&mut w, bi);
+                m = RwLockWriteGuard::downgrade_to_upgradable(w);
+                at?
+            } else {
+                if !m.bitmaps.contains_key(&bi) {
+                    let mut w = RwLockUpgradableReadGuard::upgrade(m);
+                    let r = self.load_bitmap(&mut w, bi);
+                    m = RwLockWriteGuard::downgrade_to_upgradable(w);
+                    r?;
+                }
+                u64::from(e) * SECTOR
             };
-            let in_blk = abs % bs;
-            let n = (bs - in_blk).min(total - pos);
-            self.pwrite(&buf[pos as usize..(pos + n) as usize], blk + bml + in_blk)?;
-            let mut m = self.meta.lock();
-            let bi = (abs / bs) as u32;
-            self.load_bitmap(&mut m, bi)?;
-            if let Some(a) = m.bitmaps.get_mut(&bi) {
-                set_bits(
-                    Arc::make_mut(a).as_mut_slice(),
-                    in_blk / SECTOR,
-                    n / SECTOR,
-                    true,
-                );
+            self.pwrite(&buf[pos as usize..(pos + n) as usize], blk + g.bml + in_blk)?;
+            let (s0, ns) = (in_blk / SECTOR, n / SECTOR);
+            let unchanged = m
+                .bitmaps
+                .get(&bi)
+                .is_some_and(|b| b.full || run_len(&b.bits, s0, ns, true) == ns);
+            if !unchanged {
+                let mut w = RwLockUpgradableReadGuard::upgrade(m);
+                if let Some(b) = w.bitmaps.get_mut(&bi) {
+                    set_bits(&mut b.bits, s0, ns, true);
+                    b.full = run_len(&b.bits, 0, g.spb, true) == g.spb;
+                }
+                w.dirty_bitmaps.insert(bi);
+                m = RwLockWriteGuard::downgrade_to_upgradable(w);
             }
-            m.dirty_bitmaps.insert(bi);
             pos += n;
         }
         Ok(())
     }
 
     /// Clear bitmap bits: the range becomes absent (zero in a base, transparent in a child).
-    fn unmap(&self, offset: u64, len: u64) -> Result<()> {
-        let mut m = self.meta.lock();
-        let (bs, _) = Self::geometry(&m).ok_or_else(|| self.corrupt("no dynamic header"))?;
+    fn unmap(&self, m: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        let g = self.geo(m)?;
         let mut pos = offset;
         while pos < offset + len {
-            let bi = (pos / bs) as u32;
-            let in_blk = pos % bs;
-            let n = (bs - in_blk).min(offset + len - pos);
+            let bi = (pos / g.bs) as u32;
+            let in_blk = pos % g.bs;
+            let n = (g.bs - in_blk).min(offset + len - pos);
             if m.bat.get(bi as usize).is_some_and(|&e| e != BAT_UNUSED) {
-                self.load_bitmap(&mut m, bi)?;
-                if let Some(a) = m.bitmaps.get_mut(&bi) {
-                    set_bits(
-                        Arc::make_mut(a).as_mut_slice(),
-                        in_blk / SECTOR,
-                        n / SECTOR,
-                        false,
-                    );
+                self.load_bitmap(m, bi)?;
+                let (s0, ns) = (in_blk / SECTOR, n / SECTOR);
+                let mut changed = false;
+                if let Some(b) = m.bitmaps.get_mut(&bi) {
+                    if run_len(&b.bits, s0, ns, false) < ns {
+                        set_bits(&mut b.bits, s0, ns, false);
+                        b.full = false;
+                        changed = true;
+                    }
                 }
-                m.dirty_bitmaps.insert(bi);
+                if changed {
+                    m.dirty_bitmaps.insert(bi);
+                }
             }
             pos += n;
         }
@@ -699,7 +889,7 @@ impl VhdFile {
                 continue;
             }
             if let Some(bm) = m.bitmaps.get(&bi) {
-                self.pwrite(bm, u64::from(e) * SECTOR)?;
+                self.pwrite(&bm.bits, u64::from(e) * SECTOR)?;
             }
         }
         let table = m.header.as_ref().map_or(0, |h| h.table_offset);
@@ -721,10 +911,16 @@ impl VhdFile {
         let mut v: Vec<Range<u64>> = Vec::with_capacity(12);
         v.push(0..SECTOR);
         if let Some(h) = &m.header {
-            v.push(m.footer.data_offset..m.footer.data_offset + 1024);
-            v.push(h.table_offset..round512(h.table_offset + u64::from(h.max_table_entries) * 4));
-            for l in h.locators.iter().filter(|l| l.code != 0 && l.data_len > 0) {
-                v.push(l.data_offset..round512(l.data_offset + u64::from(l.data_len)));
+            let hoff = m.footer.data_offset;
+            v.push(hoff..hoff.saturating_add(1024));
+            if let Some(r) = layout::bat_range(h) {
+                v.push(r);
+            }
+            for (i, l) in h.locators.iter().enumerate() {
+                if l.code != 0 && l.data_len > 0 && !m.damage.locators.contains(&i) {
+                    let e = l.data_offset.saturating_add(u64::from(l.data_len));
+                    v.push(l.data_offset..round512(e));
+                }
             }
         }
         v
@@ -746,11 +942,11 @@ impl VhdFile {
     fn place(&self, m: &mut Meta, data: &[u8], taken: &mut Vec<Range<u64>>) -> Result<u64> {
         let need = round512(data.len() as u64);
         let mut used = Self::meta_ranges(m);
-        if let Some((bs, bml)) = Self::geometry(m) {
+        if let Some(g) = m.geo {
             used.extend(
                 Self::block_ranges(m)
                     .into_iter()
-                    .map(|(o, _)| o..o + bml + bs),
+                    .map(|(o, _)| o..o + g.bml + g.bs),
             );
         }
         used.extend(taken.iter().cloned());
@@ -776,8 +972,124 @@ impl VhdFile {
         Ok(at)
     }
 
-    fn vhd_size(m: &Meta) -> u64 {
-        m.size
+    /// `check --repair` on a damaged image, in crash-safe order: the footer first
+    /// (so appends land after everything kept), then copies of shared blocks (made
+    /// durable before the BAT points at them), then the BAT, then the header.
+    /// Each change is reported only once it has been written.
+    fn repair(&self, m: &mut Meta, r: &mut CheckReport) -> Result<()> {
+        let d = m.damage.clone();
+        let Some(h) = m.header.clone() else {
+            return Ok(());
+        };
+        let g = self.geo(m)?;
+        if m.footer_missing {
+            let end = Self::structures_end(&h, m.footer.data_offset, &m.bat, &d);
+            let len = self.file_len()?;
+            m.end = end;
+            self.pwrite(&m.footer.to_bytes(), end)?;
+            if end + SECTOR < len {
+                self.set_len(end + SECTOR)?;
+            }
+            self.sync()?;
+            m.footer_missing = false;
+            r.repaired.push(format!(
+                "rewrote the footer at the end of the file (offset {end}) from the copy at offset 0"
+            ));
+            for (bi, f) in &d.fix {
+                if *f == BlockFix::Extend {
+                    r.repaired.push(format!(
+                        "block {bi} was cut short by the end of the file: the file now covers it (its missing tail reads as zeros)"
+                    ));
+                }
+            }
+        }
+        let mut buf = vec![0u8; (g.bml + g.bs) as usize];
+        for (&bi, f) in &d.fix {
+            if *f != BlockFix::Relocate {
+                continue;
+            }
+            let Some(&e) = m.bat.get(bi as usize) else {
+                continue;
+            };
+            let old = u64::from(e) * SECTOR;
+            self.read_padded(&mut buf, old)?;
+            let at = self.append_block(m, &buf)?;
+            self.sync()?;
+            if let Some(slot) = m.bat.get_mut(bi as usize) {
+                *slot = (at / SECTOR) as u32;
+            }
+            m.dirty_bat.insert(bi / 128);
+            m.bitmaps.remove(&bi);
+            m.dirty_bitmaps.remove(&bi);
+            r.repaired.push(format!(
+                "block {bi} shared file space at {old} with another block: copied to offset {at}, so both read what they read before"
+            ));
+        }
+        let mut cleared = Vec::new();
+        for (&bi, f) in &d.fix {
+            if *f != BlockFix::Clear {
+                continue;
+            }
+            if let Some(slot) = m.bat.get_mut(bi as usize) {
+                *slot = BAT_UNUSED;
+                m.dirty_bat.insert(bi / 128);
+                m.bitmaps.remove(&bi);
+                m.dirty_bitmaps.remove(&bi);
+                cleared.push(bi);
+            }
+        }
+        self.flush_meta(m)?;
+        for bi in cleared {
+            let why = d.blocks.get(&bi).cloned().unwrap_or_default();
+            r.repaired.push(format!(
+                "{why}: marked block {bi} unallocated (it now reads as absent: zeros, or the parent's data)"
+            ));
+        }
+        if !d.locators.is_empty() {
+            let mut nh = h.clone();
+            for &i in &d.locators {
+                if let Some(l) = nh.locators.get_mut(i) {
+                    *l = LocatorEntry::default();
+                }
+            }
+            self.pwrite(&nh.to_bytes(), m.footer.data_offset)?;
+            self.sync()?;
+            m.header = Some(nh);
+            for i in &d.locators {
+                r.repaired.push(format!(
+                    "cleared parent locator {i} (its data could not be used)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unreferenced bytes before the footer, not counting the padding that puts a
+    /// block's data on a page boundary.
+    fn leaked(m: &Meta, g: Geo) -> u64 {
+        let mut used: Vec<(u64, u64, bool)> = Self::meta_ranges(m)
+            .into_iter()
+            .map(|r| (r.start, r.end, false))
+            .collect();
+        for (o, bi) in Self::block_ranges(m) {
+            if !m.damage.blocks.contains_key(&bi) {
+                used.push((o, o + g.bml + g.bs, true));
+            }
+        }
+        used.sort_unstable();
+        let mut cur = 0u64;
+        let mut leaked = 0u64;
+        for (s, e, is_block) in used {
+            if s > cur {
+                let gap = s - cur;
+                let padding = is_block && gap < PAGE && aligned_block_start(cur, g.bml) == s;
+                if !padding {
+                    leaked += gap;
+                }
+            }
+            cur = cur.max(e);
+        }
+        leaked + m.end.saturating_sub(cur)
     }
 }
 
@@ -855,56 +1167,70 @@ impl Layer for VhdFile {
     }
 
     fn read_layer(&self, offset: u64, buf: &mut [u8], absent: &mut Vec<Range<u64>>) -> Result<()> {
-        let size = Self::vhd_size(&self.meta.lock());
-        check_range(offset, buf.len() as u64, size)?;
         Self::aligned(offset, buf.len() as u64)?;
-        if self.info.kind == DiskKind::Fixed {
-            return self.pread(buf, offset);
+        let mut pos = 0u64;
+        let mut first = true;
+        // One shared lock per request; a bitmap not yet loaded costs one more round.
+        loop {
+            let missing = {
+                let m = self.meta.read();
+                if first {
+                    check_range(offset, buf.len() as u64, m.size)?;
+                    first = false;
+                }
+                if self.info.kind == DiskKind::Fixed {
+                    return self.pread(buf, offset);
+                }
+                self.read_with(&m, offset, buf, &mut pos, absent)?
+            };
+            match missing {
+                None => return Ok(()),
+                Some(bi) => self.load_bitmap(&mut self.meta.write(), bi)?,
+            }
         }
-        self.read_dynamic(offset, buf, absent)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.writable()?;
-        let _w = self.wlock.lock();
-        {
-            let mut m = self.meta.lock();
-            check_range(offset, buf.len() as u64, m.size)?;
-            Self::aligned(offset, buf.len() as u64)?;
-            self.stamp(&mut m)?;
+        let mut m = self.meta.upgradable_read();
+        self.sound(&m)?;
+        check_range(offset, buf.len() as u64, m.size)?;
+        Self::aligned(offset, buf.len() as u64)?;
+        if !m.stamped {
+            let mut w = RwLockUpgradableReadGuard::upgrade(m);
+            let r = self.stamp(&mut w);
+            m = RwLockWriteGuard::downgrade_to_upgradable(w);
+            r?;
         }
         if self.info.kind == DiskKind::Fixed {
             return self.pwrite(buf, offset);
         }
-        self.write_dynamic(offset, buf)
+        self.write_dynamic(m, offset, buf)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         {
-            let mut m = self.meta.lock();
+            let mut m = self.meta.write();
+            self.sound(&m)?;
             check_range(offset, len, m.size)?;
             Self::aligned(offset, len)?;
             self.stamp(&mut m)?;
-        }
-        match self.info.kind {
             // A base reads absent sectors as zero, so clearing bits is enough.
-            DiskKind::Dynamic => {
-                let _w = self.wlock.lock();
-                self.unmap(offset, len)
-            }
-            // VHD has no zero state: hiding the parent needs real zeros.
-            _ => {
-                let zero = vec![0u8; len.min(1 << 20) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zero.len() as u64);
-                    self.write(offset + done, &zero[..n as usize])?;
-                    done += n;
-                }
-                Ok(())
+            if self.info.kind == DiskKind::Dynamic {
+                return self.unmap(&mut m, offset, len);
             }
         }
+        // VHD has no zero state: hiding the parent (or zeroing a fixed disk) needs
+        // real zeros.
+        let zero = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zero.len() as u64);
+            self.write(offset + done, &zero[..n as usize])?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -912,28 +1238,26 @@ impl Layer for VhdFile {
             return self.write_zeroes(offset, len);
         }
         self.writable()?;
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
+        let mut m = self.meta.write();
+        self.sound(&m)?;
         check_range(offset, len, m.size)?;
         Self::aligned(offset, len)?;
         self.stamp(&mut m)?;
-        drop(m);
-        self.unmap(offset, len)
+        self.unmap(&mut m, offset, len)
     }
 
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
+        let mut m = self.meta.write();
         self.flush_meta(&mut m)
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let mut m = self.meta.lock();
+        let mut m = self.meta.write();
         check_range(offset, len, m.size)?;
-        let Some((bs, _)) = Self::geometry(&m) else {
+        let Some(g) = m.geo else {
             return Ok(vec![Extent {
                 offset,
                 length: len,
@@ -943,9 +1267,9 @@ impl Layer for VhdFile {
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < offset + len {
-            let bi = (pos / bs) as u32;
-            let in_blk = pos % bs;
-            let n = (bs - in_blk).min(offset + len - pos);
+            let bi = (pos / g.bs) as u32;
+            let in_blk = pos % g.bs;
+            let n = (g.bs - in_blk).min(offset + len - pos);
             let e = m.bat.get(bi as usize).copied().unwrap_or(BAT_UNUSED);
             if e == BAT_UNUSED {
                 out.push(Extent {
@@ -953,15 +1277,25 @@ impl Layer for VhdFile {
                     length: n,
                     state: ExtentState::Absent,
                 });
+            } else if m.damage.blocks.contains_key(&bi) {
+                // Reported as data so that readers reach it and get the typed error.
+                out.push(Extent {
+                    offset: pos,
+                    length: n,
+                    state: ExtentState::Data,
+                });
             } else {
-                let bm = self.load_bitmap(&mut m, bi)?;
+                self.load_bitmap(&mut m, bi)?;
+                let Some(bm) = m.bitmaps.get(&bi) else {
+                    return Err(self.corrupt(format!("bitmap of block {bi} not loaded")));
+                };
                 // Extents may start mid-sector; round the scan to whole sectors.
                 let s0 = in_blk / SECTOR;
                 let s1 = (in_blk + n).div_ceil(SECTOR);
                 let mut i = s0;
                 while i < s1 {
-                    let set = bit(&bm, i);
-                    let r = run_len(&bm, i, s1 - i, set).max(1);
+                    let set = bit(&bm.bits, i);
+                    let r = run_len(&bm.bits, i, s1 - i, set).max(1);
                     let a = (pos - in_blk + i * SECTOR).max(pos);
                     let b = (pos - in_blk + (i + r) * SECTOR).min(pos + n);
                     out.push(Extent {
@@ -996,8 +1330,14 @@ impl Image for VhdFile {
                 what: "set-parent on a disk that is not differencing".into(),
             });
         }
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
+        let mut m = self.meta.write();
+        // Damage to the parent link is what set-parent repairs; anything else has to
+        // be repaired first (placing the new locator needs a sound layout).
+        if m.footer_missing || !m.damage.blocks.is_empty() {
+            let mut d = m.damage.clone();
+            d.linkage = 0;
+            return Err(self.damaged_error(&d));
+        }
         if p.virtual_size != m.size {
             return Err(DiskError::InvalidArgument(format!(
                 "new parent is {} bytes, this disk is {}",
@@ -1022,6 +1362,8 @@ impl Image for VhdFile {
         self.pwrite(&h.to_bytes(), m.footer.data_offset)?;
         self.sync()?;
         m.header = Some(h);
+        // The old locators' damage (if any) is gone with them.
+        m.damage = self.revalidate(&m)?.0;
         Ok(())
     }
 
@@ -1032,8 +1374,8 @@ impl Image for VhdFile {
                 "VHD size {new_size} must be a non-zero multiple of 512 up to 2040 GiB"
             )));
         }
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
+        let mut m = self.meta.write();
+        self.sound(&m)?;
         self.flush_meta(&mut m)?;
         let old = m.size;
         if new_size == old {
@@ -1043,7 +1385,7 @@ impl Image for VhdFile {
             path: self.path.clone(),
             reason: why,
         };
-        match Self::geometry(&m) {
+        match m.geo.map(|g| (g.bs, g.bml)) {
             None => {
                 if new_size < old {
                     let mut buf = vec![0u8; 1 << 20];
@@ -1082,12 +1424,15 @@ impl Image for VhdFile {
                         if m.bat.get(bi as usize).is_none_or(|&e| e == BAT_UNUSED) {
                             continue;
                         }
-                        let bm = self.load_bitmap(&mut m, bi)?;
+                        self.load_bitmap(&mut m, bi)?;
                         let blk_start = u64::from(bi) * bs;
                         let from = new_size.max(blk_start);
                         let s0 = (from - blk_start) / SECTOR;
                         let ns = bs / SECTOR - s0;
-                        if run_len(&bm, s0, ns, false) < ns {
+                        if m.bitmaps
+                            .get(&bi)
+                            .is_none_or(|b| run_len(&b.bits, s0, ns, false) < ns)
+                        {
                             return Err(refuse(format!(
                                 "cannot shrink to {new_size}: block {bi} holds data past the new end"
                             )));
@@ -1155,11 +1500,12 @@ impl Image for VhdFile {
 
     fn compact(&self, progress: Progress<'_>) -> Result<u64> {
         self.writable()?;
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
-        let Some((bs, bml)) = Self::geometry(&m) else {
+        let mut m = self.meta.write();
+        self.sound(&m)?;
+        let Some(g) = m.geo else {
             return Ok(0);
         };
+        let (bs, bml) = (g.bs, g.bml);
         self.flush_meta(&mut m)?;
         let old_len = m.end + SECTOR;
         let base = self.info.kind == DiskKind::Dynamic;
@@ -1172,30 +1518,36 @@ impl Image for VhdFile {
                 self.flush_meta(&mut m)?;
                 return Err(DiskError::Cancelled);
             }
-            let mut bm = (*self.load_bitmap(&mut m, bi)?).clone();
+            self.load_bitmap(&mut m, bi)?;
+            let mut bm = m.bitmaps.remove(&bi).map(|b| b.bits).unwrap_or_default();
+            let mut changed = false;
             if base {
                 self.pread(&mut buf, off)?;
-                let spb = bs / SECTOR;
-                for s in 0..spb {
+                for s in 0..g.spb {
                     let d = &buf[(bml + s * SECTOR) as usize..(bml + (s + 1) * SECTOR) as usize];
                     if bit(&bm, s) && d.iter().all(|&b| b == 0) {
                         set_bits(&mut bm, s, 1, false);
+                        changed = true;
                     }
                 }
             }
             let empty = bm.iter().all(|&b| b == 0);
-            m.bitmaps.insert(bi, Arc::new(bm));
-            m.dirty_bitmaps.insert(bi);
             if empty {
                 if let Some(e) = m.bat.get_mut(bi as usize) {
                     *e = BAT_UNUSED;
                 }
-                m.bitmaps.remove(&bi);
+                m.dirty_bitmaps.remove(&bi);
                 m.dirty_bat.insert(bi / 128);
+            } else {
+                m.bitmaps.insert(bi, Bitmap::new(bm, g.spb));
+                if changed {
+                    m.dirty_bitmaps.insert(bi);
+                }
             }
         }
         self.flush_meta(&mut m)?;
-        // Pass 2: slide live blocks down into the freed space, one durable step each.
+        // Pass 2: slide live blocks down into the freed space, one durable step each,
+        // keeping their data on page boundaries.
         let live = Self::block_ranges(&m);
         let meta_end = Self::meta_ranges(&m)
             .iter()
@@ -1210,24 +1562,29 @@ impl Image for VhdFile {
             .max()
             .unwrap_or(SECTOR);
         let n = live.len() as u64;
+        let bt = bml + bs;
         for (k, &(off, bi)) in live.iter().enumerate() {
             if !progress(n + k as u64, n * 2) {
                 return Err(DiskError::Cancelled);
             }
-            let bt = bml + bs;
-            let collides = Self::meta_ranges(&m)
-                .iter()
-                .any(|r| r.start < target + bt && r.end > target);
-            if off > target && target + bt <= off && !collides {
+            let mut t = aligned_block_start(target, bml);
+            // Step over metadata in the way (locators placed by set_parent).
+            while let Some(r) = Self::meta_ranges(&m)
+                .into_iter()
+                .find(|r| r.start < t + bt && r.end > t)
+            {
+                t = aligned_block_start(r.end, bml);
+            }
+            if t + bt <= off {
                 self.pread(&mut buf, off)?;
-                self.pwrite(&buf, target)?;
+                self.pwrite(&buf, t)?;
                 self.sync()?;
                 if let Some(e) = m.bat.get_mut(bi as usize) {
-                    *e = (target / SECTOR) as u32;
+                    *e = (t / SECTOR) as u32;
                 }
                 m.dirty_bat.insert(bi / 128);
                 self.flush_meta(&mut m)?;
-                target += bt;
+                target = t + bt;
             } else {
                 target = target.max(off + bt);
             }
@@ -1237,9 +1594,7 @@ impl Image for VhdFile {
             m.end = new_end;
             self.pwrite(&m.footer.to_bytes(), new_end)?;
             self.sync()?;
-            self.file
-                .set_len(new_end + SECTOR)
-                .map_err(|e| DiskError::io("truncate", &self.path, e))?;
+            self.set_len(new_end + SECTOR)?;
             self.sync()?;
         }
         Ok(old_len.saturating_sub(m.end + SECTOR))
@@ -1249,34 +1604,13 @@ impl Image for VhdFile {
         if repair {
             self.writable()?;
         }
-        let _w = self.wlock.lock();
-        let mut m = self.meta.lock();
-        if !self.read_only {
+        let mut m = self.meta.write();
+        if !self.read_only && m.damage.is_empty() {
             self.flush_meta(&mut m)?;
         }
         let mut r = CheckReport::default();
-        let len = self
-            .file
-            .metadata()
-            .map_err(|e| DiskError::io("stat", &self.path, e))?
-            .len();
-        if m.footer_missing {
-            r.errors.push(
-                "footer at the end of the file is missing or damaged (copy at offset 0 is intact)"
-                    .into(),
-            );
-            if repair {
-                self.pwrite(&m.footer.to_bytes(), m.end)?;
-                self.file
-                    .set_len(m.end + SECTOR)
-                    .map_err(|e| DiskError::io("truncate", &self.path, e))?;
-                self.sync()?;
-                m.footer_missing = false;
-                r.repaired
-                    .push("rewrote the footer at the end of the file".into());
-            }
-        }
-        let Some((bs, bml)) = Self::geometry(&m) else {
+        let Some(g) = m.geo else {
+            let len = self.file_len()?;
             if len - SECTOR > m.size {
                 r.warnings.push(format!(
                     "{} bytes between the data and the footer",
@@ -1285,83 +1619,60 @@ impl Image for VhdFile {
             }
             return Ok(r);
         };
+        if repair && !m.damage.is_empty() {
+            // What open found is re-derived from the file as it is now, so a repair
+            // never acts on a stale list.
+            m.damage = self.revalidate(&m)?.0;
+            self.repair(&mut m, &mut r)?;
+        }
+        let (d, _) = self.revalidate(&m)?;
+        m.damage = d;
+        r.errors.extend(m.damage.list.iter().cloned());
+        if !m.damage.is_empty() {
+            r.errors.push(format!("to fix: {}", m.damage.remedy()));
+        }
         let mut first = [0u8; 512];
         self.pread(&mut first, 0)?;
         if Footer::parse(&first).ok().as_ref() != Some(&m.footer) {
             r.warnings
                 .push("footer copy at offset 0 differs from the footer at the end".into());
-            if repair {
+            if repair && !m.footer_missing {
                 self.pwrite(&m.footer.to_bytes(), 0)?;
                 self.sync()?;
                 r.repaired
-                    .push("rewrote the footer copy at offset 0".into());
+                    .push("rewrote the footer copy at offset 0 from the footer at the end".into());
             }
         }
-        for p in &self.locator_problems {
-            r.errors.push(p.clone());
-        }
-        if self.info.kind == DiskKind::Differencing
-            && self
-                .locator
-                .as_ref()
-                .is_some_and(|l| l.relative_path.is_none() && l.absolute_path.is_none())
-        {
-            r.errors
-                .push("differencing disk has no usable parent locator".into());
-        }
-        let needed = m.size.div_ceil(bs) as usize;
-        let meta = Self::meta_ranges(&m);
-        for mr in &meta {
-            if mr.end > m.end + SECTOR {
-                r.errors.push(format!(
-                    "metadata {}..{} lies past the end footer",
-                    mr.start, mr.end
-                ));
-            }
-        }
-        let blocks = Self::block_ranges(&m);
-        let bt = bml + bs;
-        let mut prev_end = 0u64;
-        let mut used: u64 = meta.iter().map(|x| x.end - x.start).sum();
-        for &(off, bi) in &blocks {
-            if bi as usize >= needed {
+        let needed = m.size.div_ceil(g.bs);
+        for (i, &e) in m.bat.iter().enumerate().skip(needed as usize) {
+            if e != BAT_UNUSED {
                 r.warnings
-                    .push(format!("BAT entry {bi} beyond the disk size is allocated"));
+                    .push(format!("BAT entry {i} beyond the disk size is allocated"));
             }
-            if off < prev_end {
-                r.errors
-                    .push(format!("block {bi} at {off} overlaps the previous block"));
-            }
-            if off + bt > m.end {
-                r.errors
-                    .push(format!("block {bi} at {off} extends past the footer"));
-            }
-            if meta.iter().any(|x| x.start < off + bt && x.end > off) {
-                r.errors
-                    .push(format!("block {bi} at {off} overlaps metadata"));
-            }
-            prev_end = off + bt;
-            used += bt;
         }
-        let span = m.end;
-        if span > used + SECTOR {
+        let leaked = Self::leaked(&m, g);
+        if leaked > 0 && m.damage.is_empty() {
             r.warnings.push(format!(
-                "about {} bytes of the file are not referenced (leaked)",
-                span - used
+                "{leaked} bytes of the file are not referenced (leaked; `fv vhd compact` reclaims them)"
             ));
         }
-        let tail_start = blocks
+        // Unreferenced space after the last structure can go at once.
+        let tail_start = Self::block_ranges(&m)
             .last()
-            .map_or(0, |b| b.0 + bt)
-            .max(meta.iter().map(|x| x.end).max().unwrap_or(0));
-        if repair && r.errors.is_empty() && tail_start < m.end {
+            .map_or(0, |b| b.0 + g.bml + g.bs)
+            .max(
+                Self::meta_ranges(&m)
+                    .iter()
+                    .map(|x| x.end)
+                    .max()
+                    .unwrap_or(0),
+            );
+        if repair && m.damage.is_empty() && round512(tail_start) < m.end {
             let freed = m.end - round512(tail_start);
             m.end = round512(tail_start);
             self.pwrite(&m.footer.to_bytes(), m.end)?;
             self.sync()?;
-            self.file
-                .set_len(m.end + SECTOR)
-                .map_err(|e| DiskError::io("truncate", &self.path, e))?;
+            self.set_len(m.end + SECTOR)?;
             self.sync()?;
             r.repaired
                 .push(format!("truncated {freed} unreferenced bytes at the end"));
@@ -1370,19 +1681,15 @@ impl Image for VhdFile {
     }
 
     fn allocation(&self) -> Result<AllocationStats> {
-        let m = self.meta.lock();
-        let file_size = self
-            .file
-            .metadata()
-            .map_err(|e| DiskError::io("stat", &self.path, e))?
-            .len();
-        let Some((bs, _)) = Self::geometry(&m) else {
+        let m = self.meta.read();
+        let file_size = self.file_len()?;
+        let Some(g) = m.geo else {
             return Ok(AllocationStats {
                 file_size,
                 ..Default::default()
             });
         };
-        let needed = m.size.div_ceil(bs) as usize;
+        let needed = m.size.div_ceil(g.bs) as usize;
         let mut allocated = 0u64;
         let mut out_of_order = 0u64;
         let mut prev: Option<u32> = None;
@@ -1418,12 +1725,12 @@ impl Image for VhdFile {
 impl VhdFile {
     /// Current virtual size (follows `resize` on this handle, unlike `info()`).
     pub fn size(&self) -> u64 {
-        self.meta.lock().size
+        self.meta.read().size
     }
 
     /// The footer's current identity (follows timestamp bumps on this handle).
     pub fn identity(&self) -> LayerIdentity {
-        let m = self.meta.lock();
+        let m = self.meta.read();
         LayerIdentity::Vhd {
             unique_id: m.footer.unique_id,
             timestamp: m.footer.timestamp,

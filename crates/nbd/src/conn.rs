@@ -88,12 +88,26 @@ pub(crate) fn serve_connection(
     shared: &Shared,
 ) -> Result<(), ConnError> {
     stream.set_read_timeout(Some(ctx.handshake_timeout))?;
-    let mut r = BufReader::with_capacity(64 << 10, stream.try_clone()?);
-    let mut w = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+    let r = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+    let w = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+    session(r, w, dev, ctx, shared, || stream.set_read_timeout(None))
+}
+
+/// Option haggling, then the transmission phase, over any byte stream (a socket in
+/// service; an in-memory buffer for the fuzz target). `after_handshake` runs between
+/// the two (the socket's handshake timeout is lifted there).
+pub(crate) fn session<R: Read, W: Write>(
+    mut r: R,
+    mut w: W,
+    dev: &dyn BlockDevice,
+    ctx: &ExportCtx,
+    shared: &Shared,
+    after_handshake: impl FnOnce() -> io::Result<()>,
+) -> Result<(), ConnError> {
     let Some(neg) = handshake(&mut r, &mut w, ctx, shared)? else {
         return Ok(());
     };
-    stream.set_read_timeout(None)?;
+    after_handshake()?;
     let mut conn = Transmission {
         r,
         w,

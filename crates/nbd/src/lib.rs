@@ -121,6 +121,23 @@ impl Shared {
     }
 }
 
+/// Fuzzing entry point, not API: one client session against `device` with the
+/// default [`ExportOptions`] (option haggling, then transmission), reading the
+/// client's bytes from `input` and writing the server's to `output`, as a connection
+/// thread does on a socket. Ends at the end of `input` or at a protocol violation.
+#[doc(hidden)]
+pub fn fuzz_session(device: Arc<dyn BlockDevice>, input: &[u8], output: &mut dyn std::io::Write) {
+    let ctx = conn::ExportCtx::new(&device, &ExportOptions::default());
+    let shared = Shared {
+        stop: AtomicBool::new(false),
+        conns: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        active: AtomicUsize::new(0),
+        rmw: Mutex::new(()),
+    };
+    let _ = conn::session(input, output, device.as_ref(), &ctx, &shared, || Ok(()));
+}
+
 /// Stops a running [`Server`] from any thread (e.g. a signal handler thread).
 #[derive(Clone)]
 pub struct ShutdownHandle(Arc<Shared>);

@@ -228,6 +228,52 @@ impl BlkServer {
         self.stats.clone()
     }
 
+    /// Fuzzing entry point, not API: serves every chain the guest made available on
+    /// one split virtqueue of `size` entries laid out in `mem` (descriptor table,
+    /// avail and used rings at the given guest addresses), as a worker thread's drain
+    /// does, and returns each chain's used length. An invalid layout serves nothing.
+    #[doc(hidden)]
+    pub fn fuzz_split_queue(
+        &self,
+        mem: &GuestMemoryMmap,
+        size: u16,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Vec<u32> {
+        use virtio_queue::{Queue, QueueT};
+        let ctx = self.device_ctx();
+        let Ok(mut q) = Queue::new(size) else {
+            return Vec::new();
+        };
+        let halves = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = halves(desc_table);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = halves(avail_ring);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = halves(used_ring);
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            return Vec::new();
+        }
+        let mut scratch = request::Scratch::new(ctx.max_descs);
+        let mut used = Vec::new();
+        // One pass over the ring: a guest can make at most `size` chains available.
+        for _ in 0..size {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = ctx.process_chain(chain, mem, &mut scratch);
+            used.push(len);
+            if q.add_used(mem, head, len).is_err() {
+                break;
+            }
+        }
+        used
+    }
+
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             inner: self.stop.clone(),

@@ -103,7 +103,7 @@ pub(crate) fn fixed_ranges(st: &State) -> Vec<(u64, u64, String)> {
     v
 }
 
-fn hits<'a>(fixed: &'a [(u64, u64, String)], s: u64, e: u64) -> Option<&'a (u64, u64, String)> {
+fn hits(fixed: &[(u64, u64, String)], s: u64, e: u64) -> Option<&(u64, u64, String)> {
     fixed.iter().find(|f| s < f.1 && f.0 < e)
 }
 

@@ -4,8 +4,8 @@
 
 mod common;
 mod structure_gen;
-use common::*;
 use common::MIB;
+use common::*;
 use fv_vdisk_core::{CreateSpec, DiskError, DiskKind, Image, Layer, ParentSpec};
 use fv_vhdx::format::*;
 use fv_vhdx::{OpenOptions, VhdxFile};

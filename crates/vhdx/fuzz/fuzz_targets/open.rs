@@ -13,7 +13,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     for replay in [false, true] {
-        if let Ok(v) = VhdxFile::open(&path, &OpenOptions { read_only: true, replay_log: replay }) {
+        if let Ok(v) = VhdxFile::open(
+            &path,
+            &OpenOptions {
+                read_only: true,
+                replay_log: replay,
+            },
+        ) {
             let size = v.info().virtual_size.min(1 << 20);
             let mut buf = vec![0u8; size as usize];
             let _ = v.read_layer(0, &mut buf, &mut Vec::new());

@@ -265,7 +265,7 @@ pub const CLASSES: [&str; 12] = [
 ];
 
 /// Change one field of `img` (a valid image); returns what was done.
-pub fn mutate(img: &mut Vec<u8>, p: &mut Pick) -> String {
+pub fn mutate(img: &mut [u8], p: &mut Pick) -> String {
     let Some(l) = Layout::parse(img) else {
         return "source does not parse".into();
     };
@@ -329,7 +329,7 @@ pub fn mutate(img: &mut Vec<u8>, p: &mut Pick) -> String {
             let shift = p.of(&[0u64, MIB, 0x8000_0000_0000_0000]);
             r[a].file_offset = r[b].file_offset.wrapping_add(shift);
             if p.below(2) == 0 {
-                r[a].length = p.of(&[0u32, 1, u32::MAX & !0xFFFFF, r[b].length]);
+                r[a].length = p.of(&[0u32, 1, !0xFFFFFu32, r[b].length]);
             }
             write_regions(img, &r);
             format!("region {a} moved onto region {b} (+{shift:#x})")
@@ -348,7 +348,7 @@ pub fn mutate(img: &mut Vec<u8>, p: &mut Pick) -> String {
             format!("metadata item {a} onto item {b}")
         }
         6 => {
-            let length = p.of(&[1u64 << 40, flen * 4096, u64::MAX & !4095, 64 * MIB]);
+            let length = p.of(&[1u64 << 40, flen * 4096, !4095u64, 64 * MIB]);
             let offset = p.of(&[flen / 4096 * 4096, 2 * MIB, l.bat_offset, 1 << 44]);
             dirty_log(img, &l, &[(1, vec![Desc::Zero { offset, length }])]);
             format!("log zero descriptor {offset}+{length}")
@@ -446,8 +446,8 @@ pub fn mutate(img: &mut Vec<u8>, p: &mut Pick) -> String {
         _ => {
             let mut h = l.hdr.clone();
             match p.below(4) {
-                0 => h.log_offset = p.of(&[0u64, l.bat_offset, l.meta_offset, u64::MAX & !0xFFFFF]),
-                1 => h.log_length = p.of(&[0u32, u32::MAX & !0xFFFFF, 4096]),
+                0 => h.log_offset = p.of(&[0u64, l.bat_offset, l.meta_offset, !0xFFFFFu64]),
+                1 => h.log_length = p.of(&[0u32, !0xFFFFFu32, 4096]),
                 2 => h.sequence = u64::MAX,
                 _ => h.log_guid = uuid::Uuid::from_u128(p.next() as u128 | 1),
             }

@@ -77,6 +77,22 @@ fn uid_of(pid: i32) -> String {
         .to_string()
 }
 
+/// A field of /proc/PID/status, e.g. `Seccomp:`.
+fn status_field(pid: i32, field: &str) -> String {
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    st.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// A capability set of /proc/PID/status (hex) as a bit mask.
+fn cap_field(pid: i32, field: &str) -> u64 {
+    let v = status_field(pid, field);
+    u64::from_str_radix(&v, 16).unwrap_or_else(|e| panic!("{field} {v:?}: {e}"))
+}
+
 fn insert(c: &mut Client, path: &Path) -> Result<serde_json::Value, serde_json::Value> {
     c.call(
         json!({"op": "change_media", "dvd_index": 0, "path": path}),
@@ -101,6 +117,11 @@ fn a_vm_cannot_open_another_vms_disk() {
     // would let A's QEMU (another uid) read it, so a refusal is the confinement's.
     let b_disk = b.vm_dir.path().join("boot.vhdx");
     chmod(&b_disk, 0o644);
+    // A file of B's that B's worker does not hold open (its disk is image-locked
+    // while B runs, so only this one can show that plain permissions allow it).
+    let b_file = b.vm_dir.path().join("b-media.iso");
+    std::fs::write(&b_file, vec![0u8; 1 << 20]).unwrap();
+    chmod(&b_file, 0o644);
     let a_own = a.vm_dir.path().join("own.iso");
     std::fs::write(&a_own, vec![0u8; 1 << 20]).unwrap();
     chmod(&a_own, 0o644);
@@ -119,6 +140,25 @@ fn a_vm_cannot_open_another_vms_disk() {
     let (ua, ub) = (uid_of(_wa.qemu_pid), uid_of(_wb.qemu_pid));
     assert_eq!(ua, "1500000101");
     assert_eq!(ub, "1500000102");
+    // QEMU runs under its seccomp filter (mode 2) with no capabilities; the worker
+    // keeps exactly the capabilities docs/architecture.md lists: chown (0),
+    // dac_override (1), dac_read_search (2), fowner (3), kill (5), setgid (6),
+    // setuid (7), net_admin (12), also in its bounding set.
+    const WORKER_CAPS: u64 = 0b1_0000_1110_1111;
+    for w in [&_wa, &_wb] {
+        assert_eq!(
+            status_field(w.qemu_pid, "Seccomp:"),
+            "2",
+            "QEMU without seccomp"
+        );
+        assert_eq!(
+            cap_field(w.qemu_pid, "CapEff:"),
+            0,
+            "QEMU holds capabilities"
+        );
+        assert_eq!(cap_field(w.pid, "CapEff:"), WORKER_CAPS, "worker CapEff");
+        assert_eq!(cap_field(w.pid, "CapBnd:"), WORKER_CAPS, "worker CapBnd");
+    }
 
     // B's runtime dir (its QMP, agent, console and disk sockets) is closed to
     // everyone but B's QEMU uid (and root).
@@ -150,19 +190,21 @@ fn a_vm_cannot_open_another_vms_disk() {
     insert(&mut ca, &a_own).expect("own folder media");
     insert(&mut ca, &iso).expect("media folder");
     // What it may not: B's disk (and any other host file outside its grants).
-    let e = insert(&mut ca, &b_disk).expect_err("A opened B's disk");
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("Permission denied"), "{e}");
-    assert!(msg.contains("media folders"), "{e}");
+    for p in [&b_disk, &b_file] {
+        let e = insert(&mut ca, p).expect_err("A opened B's file");
+        let msg = e["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("Permission denied"), "{}: {e}", p.display());
+        assert!(msg.contains("media folders"), "{}: {e}", p.display());
+    }
     ca.ok(json!({"op": "turn_off"}));
     ca.wait_state(VmState::Off, Duration::from_secs(60));
     let mut wa = _wa;
     assert!(wa.wait_exit(Duration::from_secs(60)), "worker A lingered");
 
     // Control: the same VM unconfined (same uid, same permissions) can open B's
-    // disk, so the refusal above came from the confinement, not from DAC.
+    // file, so the refusal above came from the confinement, not from DAC.
     let (_wc, mut cc) = start(&a, 1_500_000_101, false, media.path(), root.path(), &ra);
-    insert(&mut cc, &b_disk).expect("unconfined worker should reach B's world-readable disk");
+    insert(&mut cc, &b_file).expect("unconfined worker should reach B's world-readable file");
     cc.ok(json!({"op": "turn_off"}));
     cc.wait_state(VmState::Off, Duration::from_secs(60));
 }

@@ -320,9 +320,13 @@ pub enum NicCmd {
 
 #[derive(Subcommand)]
 pub enum JobCmd {
+    /// The newest jobs first.
     List {
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only jobs created after this RFC 3339 time (e.g. 2026-12-01T20:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
     },
     Show {
         id: String,
@@ -362,12 +366,14 @@ pub enum HostCmd {
         #[arg(long)]
         shutdown_timeout: Option<u64>,
     },
-    /// Events (after --since SEQ).
+    /// Events, newest first (those after --since SEQ; the newest --limit).
     Events {
         #[arg(long, default_value_t = 0)]
         since: i64,
         #[arg(long)]
         vm: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
     /// Apply every running VM's automatic stop action, then stop fvd (host shutdown).
     Shutdown,
@@ -477,6 +483,27 @@ fn freeze_rows(st: &Value) -> Vec<Vec<String>> {
     vec![vec![line]]
 }
 
+/// A name or message for a table cell: control characters escaped (a newline in an
+/// old record must not break the table or fake a row) and very long text cut, with
+/// its length said. `-o json` shows the value as it is.
+fn shown(s: &str) -> String {
+    const MAX: usize = 120;
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX {
+            out.push_str(&format!("...({} characters)", s.chars().count()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Newest first, as fvd lists them.
 fn job_rows(js: &[JobView]) -> Vec<Vec<String>> {
     let mut rows = vec![vec![
         "ID".into(),
@@ -491,11 +518,11 @@ fn job_rows(js: &[JobView]) -> Vec<Vec<String>> {
         rows.push(vec![
             j.id.to_string(),
             j.operation.clone(),
-            j.vm_name.clone().unwrap_or_default(),
+            shown(j.vm_name.as_deref().unwrap_or_default()),
             j.state.to_string(),
             j.percent_complete.to_string(),
             j.ended.clone().unwrap_or_default(),
-            j.error_description.clone().unwrap_or_default(),
+            shown(j.error_description.as_deref().unwrap_or_default()),
         ]);
     }
     rows
@@ -512,7 +539,7 @@ fn vm_rows(vs: &[VmView]) -> Vec<Vec<String>> {
     ]];
     for v in vs {
         rows.push(vec![
-            v.name.clone(),
+            shown(&v.name),
             match &v.state_reason {
                 Some(r) if v.state == fv_model::VmState::Critical => format!("{} ({r})", v.state),
                 _ => v.state.to_string(),
@@ -532,7 +559,7 @@ fn vm_detail(v: &VmView) -> Vec<Vec<String>> {
     let c = &v.config;
     let mut rows = vec![
         vec!["FIELD".into(), "VALUE".into()],
-        vec!["name".into(), v.name.clone()],
+        vec!["name".into(), shown(&v.name)],
         vec!["id".into(), v.id.to_string()],
         vec!["state".into(), v.state.to_string()],
     ];
@@ -1104,8 +1131,12 @@ fn run_vm(api: &Api, cmd: VmCmd, out: OutputFormat) -> Result<()> {
 
 fn run_job(api: &Api, cmd: JobCmd, out: OutputFormat) -> Result<()> {
     match cmd {
-        JobCmd::List { limit } => {
-            let js: Vec<JobView> = api.get(&format!("/jobs?limit={limit}"))?;
+        JobCmd::List { limit, since } => {
+            let q = match since {
+                Some(t) => format!("/jobs?limit={limit}&since={}", enc(&t)),
+                None => format!("/jobs?limit={limit}"),
+            };
+            let js: Vec<JobView> = api.get(&q)?;
             emit(out, &js, || job_rows(&js));
         }
         JobCmd::Show { id } => {
@@ -1222,10 +1253,10 @@ fn run_host(api: &Api, cmd: HostCmd, out: OutputFormat) -> Result<()> {
             let s: Value = api.send("PATCH", "/host", Some(Value::Object(p)))?;
             emit(out, &s, || vec![vec!["host settings updated".into()]]);
         }
-        HostCmd::Events { since, vm } => {
+        HostCmd::Events { since, vm, limit } => {
             let q = match vm {
-                Some(v) => format!("/events?since={since}&vm={}", enc(&v)),
-                None => format!("/events?since={since}"),
+                Some(v) => format!("/events?since={since}&limit={limit}&vm={}", enc(&v)),
+                None => format!("/events?since={since}&limit={limit}"),
             };
             let es: Vec<EventView> = api.get(&q)?;
             emit(out, &es, || {
@@ -1240,7 +1271,7 @@ fn run_host(api: &Api, cmd: HostCmd, out: OutputFormat) -> Result<()> {
                         e.seq.to_string(),
                         e.time.clone(),
                         e.kind.clone(),
-                        e.message.clone(),
+                        shown(&e.message),
                     ]);
                 }
                 rows

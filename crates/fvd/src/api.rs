@@ -329,7 +329,7 @@ pub const OPERATIONS: &[Operation] = &[
         "view_vm_configuration",
         None,
         Resp::JsonList("JobView"),
-        "Recent jobs (?limit=N)"
+        "Jobs, newest first: the newest ?limit=N (default 100) the caller may see, created after ?since=RFC3339"
     ),
     op!(
         "job.view",
@@ -356,7 +356,7 @@ pub const OPERATIONS: &[Operation] = &[
         "view_vm_configuration",
         None,
         Resp::JsonList("EventView"),
-        "Events after ?since=SEQ (optionally ?vm=ID, ?limit=N)"
+        "Events, newest first: after ?since=SEQ and before ?before=SEQ (optionally ?vm=ID), the newest ?limit=N (default 1000) the caller may see"
     ),
     op!(
         "event.stream",
@@ -591,25 +591,162 @@ fn job_response(j: &crate::jobs::JobHandle) -> Response {
     r
 }
 
-/// Parse a JSON body ourselves so malformed bodies get our error shape.
-fn body<T: serde::de::DeserializeOwned>(
+/// Parse a JSON body ourselves so malformed bodies get our error shape: type errors
+/// name the field and what was expected, unknown members are refused by name.
+pub(crate) fn body<T: serde::de::DeserializeOwned + serde::Serialize>(
     op: &'static str,
     b: &axum::body::Bytes,
     default_empty: bool,
 ) -> Result<T, ApiError> {
-    if b.is_empty() && default_empty {
-        return serde_json::from_str("{}").map_err(|e| bad(op, format!("request body: {e}")));
+    let v = json_value(op, b, default_empty)?;
+    crate::util::from_value_strict(v).map_err(|e| bad(op, format!("request body: {e}")))
+}
+
+fn json_value(
+    op: &'static str,
+    b: &axum::body::Bytes,
+    default_empty: bool,
+) -> Result<serde_json::Value, ApiError> {
+    if b.is_empty() {
+        if default_empty {
+            return Ok(serde_json::Value::Object(Default::default()));
+        }
+        return Err(bad(
+            op,
+            "request body: empty; a JSON object is expected".into(),
+        ));
     }
-    serde_json::from_slice(b).map_err(|e| bad(op, format!("request body: {e}")))
+    serde_json::from_slice(b).map_err(|e| bad(op, format!("request body is not valid JSON: {e}")))
+}
+
+/// The operation a request was routed to (for errors raised before its handler).
+fn op_of(parts: &axum::http::request::Parts) -> &'static str {
+    let mp = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str());
+    let method = parts.method.as_str().to_ascii_lowercase();
+    OPERATIONS
+        .iter()
+        .find(|o| Some(o.path) == mp && o.method == method)
+        .map(|o| o.name)
+        .unwrap_or("api.route")
+}
+
+/// The VM a `{id}` route is about, as the authorization layer resolved it for this
+/// caller (by id, or by a name unique among the VMs the caller may see).
+pub struct VmId(pub Uuid);
+
+impl<St: Send + Sync> axum::extract::FromRequestParts<St> for VmId {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &St,
+    ) -> Result<Self, ApiError> {
+        match parts.extensions.get::<crate::auth::ResolvedVm>() {
+            Some(r) => Ok(VmId(r.0)),
+            // Only reachable if a route escaped the authorization layer.
+            None => Err(err(op_of(parts))(MgrError::NotFound("no VM given".into()))),
+        }
+    }
+}
+
+/// `Query` with our error shape (the field that failed and why).
+pub struct Q<T>(pub T);
+
+impl<St: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<St> for Q<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &St,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, st).await {
+            Ok(Query(q)) => Ok(Q(q)),
+            Err(e) => Err(bad(op_of(parts), format!("query: {}", e.body_text()))),
+        }
+    }
+}
+
+/// `Path` with our error shape.
+pub struct P<T>(pub T);
+
+impl<St: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<St>
+    for P<T>
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &St,
+    ) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, st).await {
+            Ok(Path(p)) => Ok(P(p)),
+            Err(e) => Err(bad(op_of(parts), format!("path: {}", e.body_text()))),
+        }
+    }
+}
+
+/// The raw body, with our error shape when it cannot be read (too large: 413).
+pub struct ReqBody(pub axum::body::Bytes);
+
+impl<St: Send + Sync> axum::extract::FromRequest<St> for ReqBody {
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, st: &St) -> Result<Self, ApiError> {
+        let (parts, b) = req.into_parts();
+        let op = op_of(&parts);
+        let req = axum::extract::Request::from_parts(parts, b);
+        match axum::body::Bytes::from_request(req, st).await {
+            Ok(b) => Ok(ReqBody(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(err(op)(
+                MgrError::TooLarge(format!("request body: {}", e.body_text())),
+            )),
+            Err(e) => Err(bad(op, format!("request body: {}", e.body_text()))),
+        }
+    }
 }
 
 async fn host_view(State(m): S) -> R {
     Ok(Json(m.host_view()).into_response())
 }
 
-async fn host_set(State(m): S, b: axum::body::Bytes) -> R {
+/// A JSON merge patch of the host settings: applied to the current settings, the
+/// result must be a complete, valid `HostSettings` (removing a setting that has no
+/// default is refused); what changed goes through the manager's checks.
+async fn host_set(State(m): S, ReqBody(b): ReqBody) -> R {
     const OP: &str = "host.reconfigure";
-    let p: HostSettingsPatch = body(OP, &b, false)?;
+    let patch = json_value(OP, &b, false)?;
+    if !patch.is_object() {
+        return Err(bad(
+            OP,
+            "request body: a JSON object (merge patch) is expected".into(),
+        ));
+    }
+    let cur = m.settings();
+    let mut v =
+        serde_json::to_value(&cur).map_err(|e| err(OP)(MgrError::Internal(e.to_string())))?;
+    crate::util::merge_patch(&mut v, &patch);
+    let new: HostSettings =
+        crate::util::from_value_strict(v).map_err(|e| bad(OP, format!("request body: {e}")))?;
+    let ch = |a: bool| a;
+    let p = HostSettingsPatch {
+        vm_folder: ch(new.vm_folder != cur.vm_folder).then(|| new.vm_folder.clone()),
+        disk_folder: ch(new.disk_folder != cur.disk_folder).then(|| new.disk_folder.clone()),
+        mac_pool_start: ch(new.mac_pool_start != cur.mac_pool_start)
+            .then(|| new.mac_pool_start.clone()),
+        mac_pool_size: ch(new.mac_pool_size != cur.mac_pool_size).then_some(new.mac_pool_size),
+        allow_memory_overcommit: ch(new.allow_memory_overcommit != cur.allow_memory_overcommit)
+            .then_some(new.allow_memory_overcommit),
+        cpu_reserve_pool_percent: ch(new.cpu_reserve_pool_percent != cur.cpu_reserve_pool_percent)
+            .then_some(new.cpu_reserve_pool_percent),
+        accel: ch(new.accel != cur.accel).then_some(new.accel),
+        recovery_action: ch(new.recovery_action != cur.recovery_action)
+            .then_some(new.recovery_action),
+        shutdown_timeout_s: ch(new.shutdown_timeout_s != cur.shutdown_timeout_s)
+            .then_some(new.shutdown_timeout_s),
+        vm_isolation: ch(new.vm_isolation != cur.vm_isolation).then_some(new.vm_isolation),
+        vm_uid_base: ch(new.vm_uid_base != cur.vm_uid_base).then_some(new.vm_uid_base),
+        media_folders: ch(new.media_folders != cur.media_folders)
+            .then(|| new.media_folders.clone()),
+    };
     Ok(Json(m.update_settings(p).map_err(err(OP))?).into_response())
 }
 
@@ -625,7 +762,7 @@ async fn vm_list(State(m): S, caller: crate::auth::Caller) -> R {
     Ok(Json(v).into_response())
 }
 
-async fn vm_create(State(m): S, b: axum::body::Bytes) -> R {
+async fn vm_create(State(m): S, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.create";
     let req: NewVmRequest = body(OP, &b, false)?;
     let v = m.create(req).map_err(err(OP))?;
@@ -636,15 +773,13 @@ async fn vm_create(State(m): S, b: axum::body::Bytes) -> R {
     Ok(r)
 }
 
-async fn vm_view(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_view(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.view";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.view(id).await.map_err(err(OP))?).into_response())
 }
 
-async fn vm_patch(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+async fn vm_patch(State(m): S, VmId(id): VmId, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.reconfigure";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let p: serde_json::Map<String, serde_json::Value> = body(OP, &b, false)?;
     Ok(Json(m.reconfigure(id, p).map_err(err(OP))?).into_response())
 }
@@ -655,44 +790,39 @@ struct DeleteQ {
     delete_files: bool,
 }
 
-async fn vm_delete(State(m): S, Path(id): Path<String>, Query(q): Query<DeleteQ>) -> R {
+async fn vm_delete(State(m): S, VmId(id): VmId, Q(q): Q<DeleteQ>) -> R {
     const OP: &str = "vm.delete";
-    let id = m.resolve(&id).map_err(err(OP))?;
     m.remove(id, q.delete_files).map_err(err(OP))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn vm_start(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_start(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.start";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(job_response(&m.start(id, None).map_err(err(OP))?))
 }
 
-async fn vm_stop(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+async fn vm_stop(State(m): S, VmId(id): VmId, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.stop";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let req: StopRequest = body(OP, &b, true)?;
     Ok(job_response(&m.stop(id, req).map_err(err(OP))?))
 }
 
-async fn simple(m: Arc<Manager>, id: String, action: &str, op: &'static str) -> R {
-    let id = m.resolve(&id).map_err(err(op))?;
+async fn simple(m: Arc<Manager>, id: Uuid, action: &str, op: &'static str) -> R {
     Ok(job_response(&m.simple_action(id, action).map_err(err(op))?))
 }
 
-async fn vm_pause(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_pause(State(m): S, VmId(id): VmId) -> R {
     simple(m, id, "pause", "vm.pause").await
 }
-async fn vm_resume(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_resume(State(m): S, VmId(id): VmId) -> R {
     simple(m, id, "resume", "vm.resume").await
 }
-async fn vm_reset(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_reset(State(m): S, VmId(id): VmId) -> R {
     simple(m, id, "reset", "vm.reset").await
 }
 
-async fn vm_save(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_save(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.save";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(job_response(&m.save(id, None).map_err(err(OP))?))
 }
 
@@ -703,94 +833,145 @@ struct ConsoleQ {
 
 async fn console_output(
     State(m): S,
-    Path(id): Path<String>,
-    Query(q): Query<ConsoleQ>,
+    VmId(id): VmId,
+    Q(q): Q<ConsoleQ>,
     req: axum::extract::Request,
 ) -> R {
     const OP: &str = "vm.console.output";
-    let id = m.resolve(&id).map_err(err(OP))?;
     crate::console::open(m, id, q.port.unwrap_or(1), false, req, OP).await
 }
 
 async fn console_input(
     State(m): S,
-    Path(id): Path<String>,
-    Query(q): Query<ConsoleQ>,
+    VmId(id): VmId,
+    Q(q): Q<ConsoleQ>,
     req: axum::extract::Request,
 ) -> R {
     const OP: &str = "vm.console.input";
-    let id = m.resolve(&id).map_err(err(OP))?;
     crate::console::open(m, id, q.port.unwrap_or(1), true, req, OP).await
 }
 
-async fn vm_discard(State(m): S, Path(id): Path<String>) -> R {
+async fn vm_discard(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.discard_saved_state";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.discard_saved_state(id).map_err(err(OP))?).into_response())
 }
 
-async fn disk_list(State(m): S, Path(id): Path<String>) -> R {
+async fn disk_list(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.disk.list";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.config_of(id).map_err(err(OP))?.0.hard_drives).into_response())
 }
 
-async fn disk_add(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+async fn disk_add(State(m): S, VmId(id): VmId, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.disk.add";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let req: DiskRequest = body(OP, &b, false)?;
     Ok(Json(m.add_disk(id, req).map_err(err(OP))?).into_response())
 }
 
-async fn disk_remove(State(m): S, Path((id, disk)): Path<(String, String)>) -> R {
+async fn disk_remove(State(m): S, VmId(id): VmId, P((_, disk)): P<(String, String)>) -> R {
     const OP: &str = "vm.disk.remove";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.remove_disk(id, &disk).map_err(err(OP))?).into_response())
 }
 
-async fn dvd_set(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+async fn dvd_set(State(m): S, VmId(id): VmId, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.dvd.set";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let req: DvdRequest = body(OP, &b, false)?;
     Ok(Json(m.set_dvd(id, req).await.map_err(err(OP))?).into_response())
 }
 
-async fn nic_list(State(m): S, Path(id): Path<String>) -> R {
+async fn nic_list(State(m): S, VmId(id): VmId) -> R {
     const OP: &str = "vm.nic.list";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.config_of(id).map_err(err(OP))?.0.network_adapters).into_response())
 }
 
-async fn nic_add(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+async fn nic_add(State(m): S, VmId(id): VmId, ReqBody(b): ReqBody) -> R {
     const OP: &str = "vm.nic.add";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let req: NicRequest = body(OP, &b, true)?;
     Ok(Json(m.add_nic(id, req).map_err(err(OP))?).into_response())
 }
 
-async fn nic_set(State(m): S, Path((id, nic)): Path<(String, String)>, b: axum::body::Bytes) -> R {
+/// A JSON merge patch of one adapter: `connection` merges onto the current one (so
+/// `{"connection": {"name": "other"}}` keeps the switch type), `static_mac: null`
+/// (or "") returns to a dynamic MAC, `connection: null` disconnects.
+async fn nic_set(
+    State(m): S,
+    VmId(id): VmId,
+    P((_, nic)): P<(String, String)>,
+    ReqBody(b): ReqBody,
+) -> R {
     const OP: &str = "vm.nic.set";
-    let id = m.resolve(&id).map_err(err(OP))?;
-    let req: NicPatch = body(OP, &b, false)?;
+    let mut v = json_value(OP, &b, false)?;
+    let Some(o) = v.as_object_mut() else {
+        return Err(bad(
+            OP,
+            "request body: a JSON object (merge patch) is expected".into(),
+        ));
+    };
+    if o.get("name").is_some_and(|n| n.is_null()) {
+        return Err(bad(
+            OP,
+            "request body: name: an adapter always has a name".into(),
+        ));
+    }
+    if o.get("static_mac").is_some_and(|n| n.is_null()) {
+        o.insert("static_mac".into(), serde_json::json!(""));
+    }
+    match o.get_mut("connection") {
+        Some(c) if c.is_null() => *c = serde_json::json!({"type": "not_connected"}),
+        Some(c) if c.is_object() => {
+            let (cfg, _) = m.config_of(id).map_err(err(OP))?;
+            let i = Manager::nic_index(&cfg, &nic).map_err(err(OP))?;
+            if let Some(cur) = cfg.network_adapters.get(i) {
+                let mut base = serde_json::to_value(&cur.connection)
+                    .map_err(|e| err(OP)(MgrError::Internal(e.to_string())))?;
+                // A new type starts from nothing: a switch's name does not carry over.
+                if c.get("type").is_some() && c.get("type") != base.get("type") {
+                    base = serde_json::json!({});
+                }
+                crate::util::merge_patch(&mut base, c);
+                *c = base;
+            }
+        }
+        _ => {}
+    }
+    let req: NicPatch =
+        crate::util::from_value_strict(v).map_err(|e| bad(OP, format!("request body: {e}")))?;
     Ok(Json(m.set_nic(id, &nic, req).map_err(err(OP))?).into_response())
 }
 
-async fn nic_remove(State(m): S, Path((id, nic)): Path<(String, String)>) -> R {
+async fn nic_remove(State(m): S, VmId(id): VmId, P((_, nic)): P<(String, String)>) -> R {
     const OP: &str = "vm.nic.remove";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.remove_nic(id, &nic).map_err(err(OP))?).into_response())
 }
 
 #[derive(Deserialize)]
-struct LimitQ {
+struct JobsQ {
     limit: Option<u32>,
+    /// RFC 3339 time: only jobs created after it.
+    since: Option<String>,
 }
 
-async fn job_list(State(m): S, caller: crate::auth::Caller, Query(q): Query<LimitQ>) -> R {
-    // Filter first, then cut to the limit, so a scoped caller still gets `limit` rows
-    // of its own (the job table keeps a bounded history).
-    let limit = q.limit.unwrap_or(100) as usize;
-    let mut v = m.jobs.list(10_000);
+/// Newest first. Filtered to what the caller may see, then cut to `limit`, so a
+/// scoped caller still gets the newest `limit` jobs of its own.
+async fn job_list(State(m): S, caller: crate::auth::Caller, Q(q): Q<JobsQ>) -> R {
+    const OP: &str = "job.list";
+    let limit = q.limit.unwrap_or(100).min(10_000) as usize;
+    let since = match &q.since {
+        Some(t) => Some(
+            humantime::parse_rfc3339_weak(t)
+                .map(crate::util::rfc3339)
+                .map_err(|e| {
+                    bad(
+                        OP,
+                        format!(
+                            "query: since: {:?} is not an RFC 3339 time ({e})",
+                            crate::util::log_safe(t)
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let mut v = m.jobs.list(10_000, since.as_deref());
     v.retain(|j| caller.may(j.vm_id));
     v.truncate(limit);
     Ok(Json(v).into_response())
@@ -802,13 +983,14 @@ struct WaitQ {
 }
 
 fn job_id(op: &'static str, s: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(s).map_err(|_| err(op)(MgrError::NotFound(format!("no job {s:?}"))))
+    Uuid::parse_str(s).map_err(|_| err(op)(MgrError::NotFound(job_not_found(s))))
 }
 
-async fn job_view(State(m): S, Path(id): Path<String>, Query(q): Query<WaitQ>) -> R {
+async fn job_view(State(m): S, P(id): P<String>, Q(q): Q<WaitQ>) -> R {
     const OP: &str = "job.view";
     let id = job_id(OP, &id)?;
     let v = match q.wait {
+        // NaN and infinity compare false / are clamped: never a panic in from_secs_f64.
         Some(w) if w > 0.0 => m.jobs.wait(id, Duration::from_secs_f64(w.min(600.0))).await,
         _ => m.jobs.get(id),
     };
@@ -816,7 +998,7 @@ async fn job_view(State(m): S, Path(id): Path<String>, Query(q): Query<WaitQ>) -
     Ok(Json(v).into_response())
 }
 
-async fn job_cancel(State(m): S, Path(id): Path<String>) -> R {
+async fn job_cancel(State(m): S, P(id): P<String>) -> R {
     const OP: &str = "job.cancel";
     let id = job_id(OP, &id)?;
     if m.jobs.get(id).is_none() {
@@ -832,31 +1014,53 @@ async fn job_cancel(State(m): S, Path(id): Path<String>) -> R {
 #[derive(Deserialize)]
 struct EventsQ {
     since: Option<i64>,
+    /// Only events older than this sequence number (paging back through the list).
+    before: Option<i64>,
     vm: Option<String>,
     limit: Option<u32>,
 }
 
-async fn event_list(State(m): S, caller: crate::auth::Caller, Query(q): Query<EventsQ>) -> R {
+/// Newest first: events after `since` (and before `before`), filtered to what the
+/// caller may see, then cut to `limit` (default 1000).
+async fn event_list(State(m): S, caller: crate::auth::Caller, Q(q): Q<EventsQ>) -> R {
     const OP: &str = "event.list";
     let vm = match &q.vm {
+        // A VM the caller may not see is treated like one that does not exist.
         Some(v) => Some(
             m.resolve(v)
-                .or_else(|e| Uuid::parse_str(v).map_err(|_| e))
-                .map_err(err(OP))?,
+                .ok()
+                .filter(|id| caller.may(Some(*id)))
+                .or_else(|| Uuid::parse_str(v).ok())
+                .ok_or_else(|| err(OP)(MgrError::NotFound(vm_not_found(v))))?,
         ),
         None => None,
     };
-    let mut ev =
-        m.db.events(q.since.unwrap_or(0), vm, q.limit.unwrap_or(1000))
-            .map_err(|e| err(OP)(MgrError::Internal(e.to_string())))?;
-    ev.retain(|e| caller.may(e.vm_id));
-    Ok(Json(ev).into_response())
+    let limit = q.limit.unwrap_or(1000).min(10_000) as usize;
+    let since = q.since.unwrap_or(0);
+    let mut before = q.before;
+    let mut out = Vec::new();
+    // Page back until `limit` visible events are found or the range is exhausted.
+    loop {
+        let page =
+            m.db.events_newest_first(since, before, vm, 1000)
+                .map_err(|e| err(OP)(MgrError::Internal(e.to_string())))?;
+        let last = page.last().map(|e| e.seq);
+        let n = page.len();
+        out.extend(page.into_iter().filter(|e| caller.may(e.vm_id)));
+        if out.len() >= limit || n < 1000 {
+            break;
+        }
+        before = last;
+    }
+    out.truncate(limit);
+    Ok(Json(out).into_response())
 }
 
-async fn event_stream(State(m): S, caller: crate::auth::Caller, Query(q): Query<EventsQ>) -> R {
+async fn event_stream(State(m): S, caller: crate::auth::Caller, Q(q): Q<EventsQ>) -> R {
     const OP: &str = "event.stream";
     // Subscribe before replaying so nothing falls between the two.
     let rx = m.events.subscribe();
+    // The replay is in order (oldest first), as a stream is read.
     let replay = match q.since {
         Some(s) => {
             m.db.events(s, None, 10_000)
@@ -887,6 +1091,20 @@ async fn event_stream(State(m): S, caller: crate::auth::Caller, Query(q): Query<
 
 async fn openapi() -> R {
     Ok(Json(openapi_document()).into_response())
+}
+
+/// The 404 for a VM that does not exist, and for one the caller may not see: the
+/// same answer, so a refusal tells nothing about other scopes.
+pub(crate) fn vm_not_found(key: &str) -> String {
+    format!("no VM named or with id {key:?}")
+}
+
+/// The 404 for a job that does not exist or that the caller may not see.
+pub(crate) fn job_not_found(key: &str) -> String {
+    match Uuid::parse_str(key) {
+        Ok(id) => format!("no job {id}"),
+        Err(_) => format!("no job {key:?}"),
+    }
 }
 
 async fn fallback(uri: axum::http::Uri) -> ApiError {
@@ -990,9 +1208,33 @@ pub fn openapi_document() -> serde_json::Value {
     for (k, v) in schemas {
         components.insert(k, v);
     }
+    // Bodies that are JSON merge patches of a VmConfig: its members, none required,
+    // nothing else (unknown members are refused with 400).
+    let vm_config = components
+        .get("VmConfig")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let mut patch_props = vm_config
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    patch_props.remove("id");
+    patch_props.remove("version");
     components.insert(
         "VmConfigPatch".into(),
-        json!({"type": "object", "description": "Any subset of VmConfig's fields; merged onto the current configuration. Changing anything but name, notes and the automatic actions needs the VM Off.", "additionalProperties": true}),
+        json!({"type": "object", "description": "A JSON merge patch (RFC 7396) of the VM's configuration: objects merge at every depth ({\"cpu\": {\"count\": 2}} keeps reserve, limit and weight), null removes a member (it takes its default), arrays replace. Unknown members are refused with 400 naming them. Changing anything but name, notes, the automatic actions and integration services needs the VM Off.", "properties": patch_props.clone(), "additionalProperties": false}),
+    );
+    let mut new_props = patch_props;
+    new_props.insert("name".into(), json!({"type": "string", "minLength": 1, "maxLength": fv_model::limits::NAME_MAX_CHARS, "description": "1-100 characters, no control characters, no '/'"}));
+    new_props.insert(
+        "generation".into(),
+        json!({"type": "string", "enum": ["1", "2"], "description": "Default \"2\""}),
+    );
+    new_props.insert("vm_dir".into(), json!({"type": "string", "description": "Absolute folder for this VM (default: <host vm_folder>/<id>)"}));
+    components.insert(
+        "NewVmRequest".into(),
+        json!({"type": "object", "required": ["name"], "description": "Body of POST /vms: a name, and any VmConfig members, merged (as a JSON merge patch) onto the defaults of the generation; id and version are chosen by fvd. Unknown members are refused with 400 naming them.", "properties": new_props, "additionalProperties": false}),
     );
     let sref = |n: &str| json!({"$ref": format!("#/components/schemas/{n}")});
     let error = json!({"description": "Error", "content": {"application/json": {"schema": sref("ApiErrorBody")}}});
@@ -1003,6 +1245,10 @@ pub fn openapi_document() -> serde_json::Value {
             if let Some(p) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 params.push(json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}));
             }
+        }
+        for (name, schema, required) in query_params(o.name) {
+            params
+                .push(json!({"name": name, "in": "query", "required": required, "schema": schema}));
         }
         let mut responses = Map::new();
         let ok = match o.response {
@@ -1058,7 +1304,7 @@ pub fn openapi_document() -> serde_json::Value {
         "info": {
             "title": "Ferrovisor fvd API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The host service's REST API, on the Unix socket <runtime>/fvd.sock (and over TLS with `fvd --listen-tcp`). Long operations answer 202 with a job; errors are {code, message, operation}. Every operation is authorized by its operationId against the caller's roles in the target's scope: callers are local users by their socket peer credentials, or API tokens (`Authorization: Bearer <id>.<secret>`, required over TLS). 401 `unauthenticated` names the reason; 403 `forbidden` names the missing operation. List operations return only what the caller may view."
+            "description": "The host service's REST API, on the Unix socket <runtime>/fvd.sock (and over TLS with `fvd --listen-tcp`). Long operations answer 202 with a job; errors are {code, message, operation}. Every operation is authorized by its operationId against the caller's roles in the target's scope: callers are local users by their socket peer credentials, or API tokens (`Authorization: Bearer <id>.<secret>`, required over TLS). 401 `unauthenticated` names the reason; 403 `forbidden` names the missing operation. List operations return only what the caller may view. An object (VM, job) in a scope where the caller may neither view it nor perform the operation is answered exactly like one that does not exist (404 not_found); an operation the caller holds in no scope is 403. Request bodies are checked at the edge: unknown members are refused (400 naming them), type errors name the field and what was expected, names are 1-100 characters without control characters or '/', memory is a multiple of 2 MiB within the host's memory, vCPUs within the host's logical processors and QEMU's limit. PATCH bodies are JSON merge patches (RFC 7396). A full disk is 507 insufficient_storage naming the path, and the failed call changes nothing. Lists of jobs and events are newest first."
         },
         "paths": paths,
         "components": {
@@ -1067,6 +1313,51 @@ pub fn openapi_document() -> serde_json::Value {
         },
         "security": [{}, {"token": []}],
     }))
+}
+
+/// The query parameters of an operation, for the OpenAPI document.
+fn query_params(op: &str) -> Vec<(&'static str, serde_json::Value, bool)> {
+    use serde_json::json;
+    let int = |min: i64| json!({"type": "integer", "minimum": min});
+    match op {
+        "vm.create" => vec![("scope", json!({"type": "string"}), false)],
+        "vm.delete" => vec![("delete_files", json!({"type": "boolean"}), false)],
+        "vm.console.output" | "vm.console.input" => {
+            vec![("port", json!({"type": "integer", "enum": [1, 2]}), false)]
+        }
+        "vm.copy_file" => vec![
+            ("dest", json!({"type": "string"}), true),
+            ("create_full_path", json!({"type": "boolean"}), false),
+            ("overwrite", json!({"type": "boolean"}), false),
+        ],
+        "job.list" => vec![
+            ("limit", int(0), false),
+            (
+                "since",
+                json!({"type": "string", "format": "date-time"}),
+                false,
+            ),
+        ],
+        "job.view" => vec![(
+            "wait",
+            json!({"type": "number", "minimum": 0, "maximum": 600}),
+            false,
+        )],
+        "event.list" => vec![
+            ("since", int(0), false),
+            ("before", int(0), false),
+            ("vm", json!({"type": "string"}), false),
+            ("limit", int(0), false),
+        ],
+        "event.stream" => vec![("since", int(0), false)],
+        "audit.view" => vec![("since", int(0), false), ("limit", int(0), false)],
+        "auth.assignment.delete" => vec![
+            ("principal", json!({"type": "string"}), true),
+            ("role", json!({"type": "string"}), true),
+            ("scope", json!({"type": "string"}), true),
+        ],
+        _ => vec![],
+    }
 }
 
 /// Keys in sorted order whatever map type serde_json was built with, so the

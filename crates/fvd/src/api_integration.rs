@@ -3,29 +3,30 @@
 
 use super::{bad, body, err, job_response, R, S};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use fv_model::api::FreezeRequest;
 use serde::Deserialize;
 
-pub(super) async fn vm_freeze(State(m): S, Path(id): Path<String>, b: axum::body::Bytes) -> R {
+pub(super) async fn vm_freeze(
+    State(m): S,
+    super::VmId(id): super::VmId,
+    b: axum::body::Bytes,
+) -> R {
     const OP: &str = "vm.freeze";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let req: FreezeRequest = body(OP, &b, true)?;
     Ok(Json(m.freeze(id, req.timeout_s).await.map_err(err(OP))?).into_response())
 }
 
-pub(super) async fn vm_thaw(State(m): S, Path(id): Path<String>) -> R {
+pub(super) async fn vm_thaw(State(m): S, super::VmId(id): super::VmId) -> R {
     const OP: &str = "vm.thaw";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.thaw(id).await.map_err(err(OP))?).into_response())
 }
 
-pub(super) async fn vm_freeze_status(State(m): S, Path(id): Path<String>) -> R {
+pub(super) async fn vm_freeze_status(State(m): S, super::VmId(id): super::VmId) -> R {
     const OP: &str = "vm.freeze_status";
-    let id = m.resolve(&id).map_err(err(OP))?;
     Ok(Json(m.freeze_status(id).await.map_err(err(OP))?).into_response())
 }
 
@@ -42,13 +43,12 @@ pub(super) struct CopyQ {
 /// VM's runtime dir: fvd never reads a host path on the caller's behalf.
 pub(super) async fn vm_copy_file(
     State(m): S,
-    Path(id): Path<String>,
+    super::VmId(id): super::VmId,
     q: Result<Query<CopyQ>, QueryRejection>,
     headers: axum::http::HeaderMap,
     payload: axum::body::Body,
 ) -> R {
     const OP: &str = "vm.copy_file";
-    let id = m.resolve(&id).map_err(err(OP))?;
     let Query(q) = q.map_err(|e| bad(OP, format!("query: {e} (need ?dest=PATH)")))?;
     m.copy_file_check(id, &q.dest).map_err(err(OP))?;
     let len = headers

@@ -275,6 +275,88 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// The VM of a `{id}` route as resolved for this caller (set by [`enforce`], read by
+/// handlers through `api::VmId`): by id, or by a name unique among the VMs the
+/// caller may see, so another scope's VM of the same name neither shadows nor shows.
+#[derive(Clone, Copy)]
+pub struct ResolvedVm(pub Uuid);
+
+/// The view operation that makes an object of this route visible to a caller.
+fn view_op_for(params: &[(String, String)]) -> Option<&'static str> {
+    if params.iter().any(|(k, _)| k == "id") {
+        Some("vm.view")
+    } else if params.iter().any(|(k, _)| k == "job") {
+        Some("job.view")
+    } else {
+        None
+    }
+}
+
+/// An object the caller may see: the scope to check the operation in (None =
+/// host-level) and, for a VM, its id.
+type Seen = (Option<String>, Option<Uuid>);
+/// What the caller gets instead: status, code, message.
+type Unseen = (StatusCode, &'static str, String);
+
+/// The object a request names and the caller may see, or the 404/409 it gets
+/// instead. Objects that do not exist and objects in scopes where the caller holds
+/// neither the operation nor the view operation get the same 404 (same message
+/// for the same key), so a refusal does not tell whether or where they exist.
+fn visible_object(
+    ctx: &Ctx,
+    principal: &Principal,
+    op: &Operation,
+    params: &[(String, String)],
+) -> Result<Option<Seen>, Unseen> {
+    let Some(view_op) = view_op_for(params) else {
+        return Ok(None);
+    };
+    let sees = |scope: Option<&str>| {
+        ctx.auth.read(|p| {
+            p.check_in_scope(principal, op.name, scope).is_ok()
+                || p.check_in_scope(principal, view_op, scope).is_ok()
+        })
+    };
+    let scope_of = |id: Uuid| ctx.auth.read(|p| p.scope_of(&id.to_string()).to_string());
+    if let Some((_, key)) = params.iter().find(|(k, _)| k == "id") {
+        let seen: Vec<Uuid> = ctx
+            .m
+            .ids_for(key)
+            .into_iter()
+            .filter(|id| sees(Some(&scope_of(*id))))
+            .collect();
+        return match seen.as_slice() {
+            [id] => Ok(Some((Some(scope_of(*id)), Some(*id)))),
+            [] => Err((
+                StatusCode::NOT_FOUND,
+                "not_found",
+                crate::api::vm_not_found(key),
+            )),
+            many => Err((
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{} VMs are named {key:?}; use the id", many.len()),
+            )),
+        };
+    }
+    let key = params
+        .iter()
+        .find(|(k, _)| k == "job")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let job = Uuid::parse_str(key).ok().and_then(|j| ctx.m.jobs.get(j));
+    // Host jobs (host.shutdown) are host-level: only the global scope covers them.
+    let scope = job.as_ref().map(|j| j.vm_id.map(scope_of));
+    match scope {
+        Some(scope) if sees(scope.as_deref()) => Ok(Some((scope, None))),
+        _ => Err((
+            StatusCode::NOT_FOUND,
+            "not_found",
+            crate::api::job_not_found(key),
+        )),
+    }
+}
+
 /// Set by a handler on its response: what the call was about, for the audit log.
 #[derive(Clone)]
 pub struct AuditTarget(pub String);
@@ -493,18 +575,37 @@ pub async fn enforce(
             .collect(),
         Err(_) => Vec::new(),
     };
-    let target = resolve_target(&ctx, op, &params, req.uri());
+    let mut target = resolve_target(&ctx, op, &params, req.uri());
     rec.target = target.label.clone();
+    let nowhere = |p: &Policy| {
+        (!p.holds_anywhere(&principal, op.name))
+            .then(|| format!("{principal} may not perform {} in any scope", op.name))
+    };
+    // Holding the operation nowhere is refused the same for every object (it says
+    // nothing about the object); otherwise an object the caller cannot see is a 404.
+    if view_op_for(&params).is_some() || LIST_OPERATIONS.contains(&op.name) {
+        if let Some(why) = ctx.auth.read(nowhere) {
+            return ctx.refuse(&rec, StatusCode::FORBIDDEN, "forbidden", why);
+        }
+    }
+    match visible_object(&ctx, &principal, op, &params) {
+        Ok(Some((scope, vm))) => {
+            target.scope = scope;
+            if let Some(id) = vm {
+                req.extensions_mut().insert(ResolvedVm(id));
+            }
+        }
+        Ok(None) => {}
+        Err((status, code, msg)) => {
+            if mutating {
+                ctx.log(&rec, status, code.to_string(), Some(msg.clone()));
+            }
+            return error_response(status, code, op.name, msg);
+        }
+    }
     let decision = ctx.auth.read(|p| {
         if LIST_OPERATIONS.contains(&op.name) {
-            if p.holds_anywhere(&principal, op.name) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{principal} may not perform {} in any scope",
-                    op.name
-                ))
-            }
+            Ok(())
         } else {
             p.check_in_scope(&principal, op.name, target.scope.as_deref())
                 .map_err(|e| e.to_string())
@@ -702,8 +803,14 @@ pub fn openapi_schemas(
 
 type R = Result<Response, Response>;
 
-fn parse<T: serde::de::DeserializeOwned>(b: &axum::body::Bytes) -> Result<T, AuthError> {
-    serde_json::from_slice(b).map_err(|e| AuthError::BadRequest(format!("request body: {e}")))
+fn parse<T: serde::de::DeserializeOwned + Serialize>(
+    b: &axum::body::Bytes,
+) -> Result<T, AuthError> {
+    // The same strict parsing as every other body: fields named, unknown ones refused.
+    let v: serde_json::Value = serde_json::from_slice(b)
+        .map_err(|e| AuthError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    crate::util::from_value_strict(v)
+        .map_err(|e| AuthError::BadRequest(format!("request body: {e}")))
 }
 
 fn created<T: Serialize>(v: &T, target: String) -> Response {
@@ -832,13 +939,10 @@ async fn scope_delete(State(c): State<Ctx>, Path(name): Path<String>) -> R {
 async fn vm_scope_set(
     State(c): State<Ctx>,
     caller: Caller,
-    Path(id): Path<String>,
+    crate::api::VmId(id): crate::api::VmId,
     b: axum::body::Bytes,
 ) -> R {
     const OP: &str = "auth.scope.set";
-    let id =
-        c.m.resolve(&id)
-            .map_err(|e| AuthError::NotFound(e.to_string()).respond(OP))?;
     let req: SetScopeRequest = parse(&b).map_err(|e| e.respond(OP))?;
     if !c.auth.read(|p| p.scopes.contains(&req.scope)) {
         return Err(AuthError::Authz(AuthzError::UnknownScope(req.scope)).respond(OP));

@@ -15,6 +15,14 @@ pub enum DbError {
     Json(#[from] serde_json::Error),
 }
 
+impl DbError {
+    /// SQLite could not write because the file system is full (SQLITE_FULL).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, DbError::Sql(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, DbError>;
 
 /// A registration: the link from the host to a VM's config file, plus what fvd must
@@ -247,13 +255,14 @@ impl Db {
         Ok(())
     }
 
-    pub fn jobs(&self, limit: u32) -> Result<Vec<JobView>> {
+    /// The newest `limit` jobs, newest first; with `since` (an RFC 3339 time in the
+    /// form jobs are stored with), only those created after it.
+    pub fn jobs(&self, limit: u32, since: Option<&str>) -> Result<Vec<JobView>> {
         let c = self.conn.lock();
         let mut st = c.prepare(
-            "SELECT body FROM (SELECT body, created, rowid FROM jobs ORDER BY rowid DESC LIMIT ?1)
-             ORDER BY rowid",
+            "SELECT body FROM jobs WHERE (?2 IS NULL OR created > ?2) ORDER BY rowid DESC LIMIT ?1",
         )?;
-        let rows = st.query_map(params![limit], |r| r.get::<_, String>(0))?;
+        let rows = st.query_map(params![limit, since], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for b in rows {
             out.push(serde_json::from_str(&b?)?);
@@ -288,15 +297,39 @@ impl Db {
         Ok(e)
     }
 
+    /// Events after `since`, oldest first (a stream's replay).
     pub fn events(&self, since: i64, vm: Option<Uuid>, limit: u32) -> Result<Vec<EventView>> {
+        self.events_query(since, None, vm, limit, "ASC")
+    }
+
+    /// Events after `since` and before `before`, newest first (`GET /events`).
+    pub fn events_newest_first(
+        &self,
+        since: i64,
+        before: Option<i64>,
+        vm: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<EventView>> {
+        self.events_query(since, before, vm, limit, "DESC")
+    }
+
+    fn events_query(
+        &self,
+        since: i64,
+        before: Option<i64>,
+        vm: Option<Uuid>,
+        limit: u32,
+        order: &'static str,
+    ) -> Result<Vec<EventView>> {
         let c = self.conn.lock();
-        let mut st = c.prepare(
+        let mut st = c.prepare(&format!(
             "SELECT seq, body FROM events WHERE seq > ?1 AND (?2 IS NULL OR vm_id = ?2)
-             ORDER BY seq LIMIT ?3",
+             AND (?4 IS NULL OR seq < ?4) ORDER BY seq {order} LIMIT ?3"
+        ))?;
+        let rows = st.query_map(
+            params![since, vm.map(|v| v.to_string()), limit, before],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
         )?;
-        let rows = st.query_map(params![since, vm.map(|v| v.to_string()), limit], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?;
         let mut out = Vec::new();
         for row in rows {
             let (seq, body) = row?;

@@ -113,8 +113,15 @@ impl Jobs {
         self.db.job(id).ok().flatten()
     }
 
-    pub fn list(&self, limit: u32) -> Vec<JobView> {
-        let mut v = self.db.jobs(limit).unwrap_or_default();
+    /// The newest `limit` jobs (created after `since`, an RFC 3339 time), newest first.
+    pub fn list(&self, limit: u32, since: Option<&str>) -> Vec<JobView> {
+        let mut v = match self.db.jobs(limit, since) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("cannot list jobs: {e}");
+                Vec::new()
+            }
+        };
         let map = self.map.lock();
         for j in v.iter_mut() {
             if let Some(e) = map.get(&j.id) {

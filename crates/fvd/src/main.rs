@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("FVD_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(fvd::util::log_stderr)
         .init();
     let cfg = fvd::server::Config {
         state_dir: dir(a.state_dir, "FV_STATE_DIR", "/var/lib/ferrovisor"),

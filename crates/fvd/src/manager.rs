@@ -189,8 +189,20 @@ fn read_config(path: &Path) -> std::result::Result<VmConfig, String> {
 
 fn write_config(path: &Path, c: &VmConfig) -> Result<()> {
     let s = serde_json::to_vec_pretty(c).map_err(internal)?;
-    util::atomic_write(path, &s)
-        .map_err(|e| MgrError::Internal(format!("cannot write {}: {e}", path.display())))
+    util::atomic_write(path, &s).map_err(|e| io_err("write", path, e))
+}
+
+/// A file-system error on `path`: a full disk (or quota) is 507 naming the path,
+/// anything else an internal error saying what failed.
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> MgrError {
+    if util::is_no_space(&e) {
+        MgrError::InsufficientStorage(format!(
+            "cannot {what} {}: no space left on its file system ({e}); nothing was changed",
+            path.display()
+        ))
+    } else {
+        MgrError::Internal(format!("cannot {what} {}: {e}", path.display()))
+    }
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -311,7 +323,7 @@ impl Manager {
                 "the MAC pool runs past FF:FF:FF:FF:FF:FF".into(),
             ));
         }
-        self.db.put_settings(&s).map_err(internal)?;
+        self.db.put_settings(&s).map_err(|e| self.db_err(e))?;
         *self.settings.lock() = s.clone();
         self.events.emit(
             "host.reconfigured",
@@ -321,6 +333,19 @@ impl Manager {
             None,
         );
         Ok(s)
+    }
+
+    /// A database error: a full disk is 507 naming the database file.
+    fn db_err(&self, e: crate::db::DbError) -> MgrError {
+        let path = self.paths.state_dir.join("fvd.db");
+        if e.is_disk_full() {
+            MgrError::InsufficientStorage(format!(
+                "cannot write {}: no space left on its file system ({e}); nothing was changed",
+                path.display()
+            ))
+        } else {
+            MgrError::Internal(format!("{}: {e}", path.display()))
+        }
     }
 
     pub fn host_view(&self) -> HostView {
@@ -379,6 +404,21 @@ impl Manager {
                 "{n} VMs are named {key:?}; use the id"
             ))),
         }
+    }
+
+    /// Every VM `key` may name: the VM with that id, else all VMs with that name
+    /// (the authorization layer keeps those the caller may see).
+    pub fn ids_for(&self, key: &str) -> Vec<Uuid> {
+        let vms = self.vms.lock();
+        if let Ok(id) = Uuid::parse_str(key) {
+            if vms.contains_key(&id) {
+                return vec![id];
+            }
+        }
+        vms.values()
+            .filter(|v| v.config.name == key)
+            .map(|v| v.config.id)
+            .collect()
     }
 
     pub fn list(&self) -> Vec<VmView> {
@@ -495,28 +535,27 @@ impl Manager {
         }
     }
 
-    /// Merge `patch` (a JSON object) onto `base`'s JSON form.
+    /// Apply `patch` to `base` as a JSON merge patch (RFC 7396: objects merge at every
+    /// depth, `null` removes a member so it takes its default). Unknown members are
+    /// refused by name; type errors name the field.
     fn merge(
         base: &VmConfig,
         patch: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<VmConfig> {
         let mut v = serde_json::to_value(base).map_err(internal)?;
-        if let Some(o) = v.as_object_mut() {
-            for (k, val) in patch {
-                if k == "id" || k == "version" {
-                    if o.get(k) != Some(val) {
-                        return Err(MgrError::BadRequest(format!("{k} cannot be changed")));
-                    }
-                    continue;
-                }
-                if k == "network_adapters" {
-                    o.insert(k.clone(), Self::fill_nics(val.clone()));
-                } else {
-                    o.insert(k.clone(), val.clone());
+        let mut patch = patch.clone();
+        for k in ["id", "version"] {
+            if let Some(val) = patch.get(k) {
+                if v.get(k) != Some(val) {
+                    return Err(MgrError::BadRequest(format!("{k} cannot be changed")));
                 }
             }
         }
-        serde_json::from_value(v)
+        if let Some(n) = patch.get_mut("network_adapters") {
+            *n = Self::fill_nics(n.take());
+        }
+        util::merge_patch(&mut v, &serde_json::Value::Object(patch));
+        util::from_value_strict(v)
             .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))
     }
 
@@ -548,17 +587,36 @@ impl Manager {
         serde_json::Value::Array(items)
     }
 
-    /// Checks beyond `VmConfig::validate`: host limits and MAC uniqueness.
-    fn check_config(&self, c: &mut VmConfig, vms: &HashMap<Uuid, Vm>) -> Result<()> {
+    /// Checks beyond `VmConfig::validate`: what a caller may give (names, sizes; values
+    /// unchanged from `old` are not checked again), host limits and MAC uniqueness.
+    fn check_config(
+        &self,
+        c: &mut VmConfig,
+        vms: &HashMap<Uuid, Vm>,
+        old: Option<&VmConfig>,
+    ) -> Result<()> {
         c.validate()
             .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))?;
+        // Host limits first: they say more about a huge value than its alignment.
+        let (total_mib, _) = util::meminfo_mib();
+        if total_mib > 0
+            && c.memory_mib > total_mib
+            && old.is_none_or(|o| o.memory_mib != c.memory_mib)
+        {
+            return Err(MgrError::BadRequest(format!(
+                "invalid configuration: memory_mib: {} MiB is more than this host's {total_mib} MiB of memory",
+                c.memory_mib
+            )));
+        }
         let cpus = util::logical_cpus();
         if c.cpu.count > cpus {
             return Err(MgrError::BadRequest(format!(
-                "{} virtual processors requested; this host has {cpus} logical processors",
+                "invalid configuration: cpu.count: {} virtual processors requested; this host has {cpus} logical processors",
                 c.cpu.count
             )));
         }
+        fv_model::validate_input(c, old)
+            .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))?;
         let mut seen: Vec<String> = Vec::new();
         for n in c.network_adapters.iter_mut() {
             if let Some(m) = &n.static_mac {
@@ -609,25 +667,38 @@ impl Manager {
     }
 
     pub fn create(&self, req: NewVmRequest) -> Result<VmView> {
-        if req.name.trim().is_empty() {
-            return Err(MgrError::BadRequest("name must not be empty".into()));
-        }
+        fv_model::check_name("name", &req.name)
+            .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))?;
         let base = VmConfig::new(&req.name, req.generation.unwrap_or(Generation::Gen2));
         let mut patch = req.config.clone();
         patch.remove("id");
         patch.remove("version");
         let mut c = Self::merge(&base, &patch)?;
+        if let Some(d) = &req.vm_dir {
+            fv_model::check_path("vm_dir", d)
+                .map_err(|e| MgrError::BadRequest(format!("invalid configuration: {e}")))?;
+            if !d.is_absolute() {
+                return Err(MgrError::BadRequest(format!(
+                    "invalid configuration: vm_dir: {} is not an absolute path",
+                    d.display()
+                )));
+            }
+        }
         let dir = req
             .vm_dir
             .clone()
             .unwrap_or_else(|| self.settings().vm_folder.join(c.id.to_string()));
         let config_path = dir.join(format!("{}.json", c.id));
         let mut vms = self.vms.lock();
-        self.check_config(&mut c, &vms)?;
+        self.check_config(&mut c, &vms, None)?;
         Self::check_files(&c, &dir)?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| MgrError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        write_config(&config_path, &c)?;
+        // A failure from here on removes what this call made (folders, config), so a
+        // full disk leaves nothing behind.
+        let made = util::create_dir_all_new(&dir).map_err(|e| io_err("create", &dir, e))?;
+        if let Err(e) = write_config(&config_path, &c) {
+            util::remove_dirs(&made);
+            return Err(e);
+        }
         let row = VmRow {
             id: c.id,
             config_path,
@@ -636,7 +707,11 @@ impl Manager {
             saved_dir: None,
             was_running: false,
         };
-        self.db.put_vm(&row).map_err(internal)?;
+        if let Err(e) = self.db.put_vm(&row) {
+            let _ = std::fs::remove_file(&row.config_path);
+            util::remove_dirs(&made);
+            return Err(self.db_err(e));
+        }
         let vm = Vm::new(c, row);
         let view = self.view_of(&vm);
         self.events.emit(
@@ -711,11 +786,13 @@ impl Manager {
             }
             return Err(e);
         }
-        self.check_config(&mut c, &vms)?;
+        self.check_config(&mut c, &vms, Some(&old))?;
         let vm = vms
             .get_mut(&id)
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
         Self::check_files(&c, &vm.vm_dir())?;
+        // Written first: a write that fails (full disk) changes nothing, MACs included.
+        write_config(&vm.row.config_path, &c)?;
         // Adapters removed: their dynamic MACs go back to the pool.
         for n in &old.network_adapters {
             if !c
@@ -726,7 +803,6 @@ impl Manager {
                 let _ = self.db.release_nic_mac(n.id);
             }
         }
-        write_config(&vm.row.config_path, &c)?;
         let push = vm.worker.is_some()
             && (old.integration_services != c.integration_services || old.name != c.name);
         if old.name != c.name {
@@ -931,7 +1007,7 @@ impl Manager {
         self.reconfigure(id, p)
     }
 
-    fn nic_index(c: &VmConfig, which: &str) -> Result<usize> {
+    pub(crate) fn nic_index(c: &VmConfig, which: &str) -> Result<usize> {
         if let Ok(i) = which.parse::<usize>() {
             if i < c.network_adapters.len() {
                 return Ok(i);
@@ -2120,7 +2196,7 @@ impl Manager {
     /// Jobs a previous fvd left running: complete those whose goal the VM reached,
     /// fail the others with "fvd restarted".
     async fn settle_jobs(self: &Arc<Self>) {
-        let jobs = self.jobs.db().jobs(10_000).unwrap_or_default();
+        let jobs = self.jobs.db().jobs(10_000, None).unwrap_or_default();
         for j in jobs.into_iter().filter(|j| !j.state.is_final()) {
             let state = j
                 .vm_id

@@ -436,18 +436,56 @@ fn scopes_separate_what_a_token_sees_and_touches() {
         Some(json!({"notes": "x"})),
     );
     assert_forbidden(s, &v, "vm.reconfigure", "A reconfigure");
-    // B's VM: refused for everything, by name or id.
-    for (m, p, op) in [
-        ("GET", format!("/vms/{b}"), "vm.view"),
-        ("GET", "/vms/vm-b".to_string(), "vm.view"),
-        ("PATCH", format!("/vms/{b}"), "vm.reconfigure"),
-        ("POST", format!("/vms/{b}/actions/start"), "vm.start"),
-        ("POST", format!("/vms/{b}/actions/stop"), "vm.stop"),
+    // B's VM, by name or id: answered exactly as a VM that does not exist (issue 9:
+    // a refusal must not tell that it exists, nor its scope).
+    let missing = "00000000-0000-4000-8000-000000000000";
+    for (m, p, fake, op) in [
+        (
+            "GET",
+            format!("/vms/{b}"),
+            format!("/vms/{missing}"),
+            "vm.view",
+        ),
+        (
+            "GET",
+            "/vms/vm-b".to_string(),
+            "/vms/no-vm".to_string(),
+            "vm.view",
+        ),
+        (
+            "POST",
+            format!("/vms/{b}/actions/start"),
+            format!("/vms/{missing}/actions/start"),
+            "vm.start",
+        ),
+        (
+            "POST",
+            format!("/vms/{b}/actions/stop"),
+            format!("/vms/{missing}/actions/stop"),
+            "vm.stop",
+        ),
     ] {
         let (s, v) = f.req(Some(&t), m, &p, Some(json!({})));
-        assert_forbidden(s, &v, op, &format!("B {m} {p}"));
-        assert!(v["message"].as_str().unwrap().contains("scope B"), "{v}");
+        let (s2, v2) = f.req(Some(&t), m, &fake, Some(json!({})));
+        assert_eq!((s, s2), (404, 404), "B {m} {p}: {v} / {v2}");
+        assert_eq!(
+            (&v["code"], &v["operation"]),
+            (&v2["code"], &v2["operation"])
+        );
+        assert_eq!(v["operation"], op, "{v}");
+        assert!(!v.to_string().contains("scope"), "{v}");
     }
+    // An operation the token holds nowhere is a 403 that names no scope: the same
+    // for B's VM and for one that does not exist.
+    let (s, v) = f.req(Some(&t), "PATCH", &format!("/vms/{b}"), Some(json!({})));
+    assert_forbidden(s, &v, "vm.reconfigure", "B reconfigure");
+    let (_, v2) = f.req(
+        Some(&t),
+        "PATCH",
+        &format!("/vms/{missing}"),
+        Some(json!({})),
+    );
+    assert_eq!(v, v2);
     let bjob = f
         .ok("GET", "/jobs", None)
         .as_array()
@@ -457,7 +495,11 @@ fn scopes_separate_what_a_token_sees_and_touches() {
         .map(|j| j["id"].as_str().unwrap().to_string())
         .unwrap();
     let (s, v) = f.req(Some(&t), "GET", &format!("/jobs/{bjob}"), None);
-    assert_forbidden(s, &v, "job.view", "B's job");
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("not_found")),
+        "B's job: {v}"
+    );
     // Host-level operations need the global scope.
     let (s, v) = f.req(Some(&t), "GET", "/host", None);
     assert_forbidden(s, &v, "host.view", "host");
@@ -470,7 +512,12 @@ fn scopes_separate_what_a_token_sees_and_touches() {
         &format!("/vms/{b}/scope"),
         Some(json!({"scope": "A"})),
     );
-    assert_forbidden(s, &v, "auth.scope.set", "pull B's VM");
+    // B's VM is invisible to A's administrator: not found, like a missing one.
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (404, Some("not_found")),
+        "pull B's VM: {v}"
+    );
     let (s, v) = f.req(
         Some(&adm_a),
         "PUT",

@@ -75,9 +75,11 @@ fn default_vm_uid_base() -> u32 {
     DEFAULT_VM_UID_BASE
 }
 
-/// Partial update of [`HostSettings`]; absent fields are left unchanged.
+/// Partial update of [`HostSettings`]; absent fields are left unchanged. On the wire
+/// `PATCH /host` is a JSON merge patch of `HostSettings` (fvd turns it into this).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct HostSettingsPatch {
     pub vm_folder: Option<PathBuf>,
     pub disk_folder: Option<PathBuf>,
@@ -231,6 +233,7 @@ pub struct FreezeStatus {
 /// Body of `POST /vms/{id}/actions/freeze`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct FreezeRequest {
     /// Seconds until the filesystems are thawed even without a thaw call
     /// (default 60, at most 600).
@@ -258,6 +261,7 @@ pub struct NewVmRequest {
 /// Body of `POST /vms/{id}/nics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct NicRequest {
     pub name: Option<String>,
     pub kind: Option<NicKind>,
@@ -269,6 +273,7 @@ pub struct NicRequest {
 /// Body of `PATCH /vms/{id}/nics/{nic}`: change connection or MAC (MAC only when Off).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct NicPatch {
     pub name: Option<String>,
     /// `Some("")` switches back to a dynamic MAC.
@@ -279,6 +284,7 @@ pub struct NicPatch {
 /// Body of `POST /vms/{id}/disks`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct DiskRequest {
     pub path: PathBuf,
     /// Slot; default: the first free one (IDE on generation 1, SCSI on generation 2).
@@ -290,6 +296,7 @@ pub struct DiskRequest {
 /// Body of `PUT /vms/{id}/dvd`: insert or eject (path absent) the medium of a DVD drive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct DvdRequest {
     /// Drive index (default 0); a drive is added when the VM has none and is Off.
     #[serde(default)]
@@ -313,6 +320,7 @@ pub enum StopMode {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
 pub struct StopRequest {
     #[serde(default)]
     pub mode: StopMode,
@@ -377,7 +385,8 @@ pub struct JobView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EventView {
-    /// Increasing sequence number; `GET /events?since=N` returns those after N.
+    /// Increasing sequence number; `GET /events?since=N` returns those after N
+    /// (newest first), `?before=N` those before N.
     pub seq: i64,
     pub time: String,
     /// e.g. `vm.state_changed`, `job.completed`, `job.failed`, `vm.warning`, `vm.guest_ready`.

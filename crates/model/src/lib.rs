@@ -397,7 +397,8 @@ pub fn check_name(field: &str, n: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_path(field: &str, p: &std::path::Path) -> Result<(), ConfigError> {
+/// A host path: not empty, at most PATH_MAX bytes, no NUL.
+pub fn check_path(field: &str, p: &std::path::Path) -> Result<(), ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let b = p.as_os_str().as_bytes();
     if b.is_empty() {
@@ -445,7 +446,9 @@ pub fn validate_input(c: &VmConfig, old: Option<&VmConfig>) -> Result<(), Config
         {
             return Err(invalid(
                 "notes",
-                format!("must not contain control characters other than newline and tab (found {ch:?})"),
+                format!(
+                    "must not contain control characters other than newline and tab (found {ch:?})"
+                ),
             ));
         }
     }
@@ -460,7 +463,7 @@ pub fn validate_input(c: &VmConfig, old: Option<&VmConfig>) -> Result<(), Config
                 ),
             ));
         }
-        if c.memory_mib % limits::MEMORY_ALIGN_MIB != 0 {
+        if !c.memory_mib.is_multiple_of(limits::MEMORY_ALIGN_MIB) {
             return Err(invalid(
                 "memory_mib",
                 format!(

@@ -279,7 +279,7 @@ pub fn parse_parent_locator(b: &[u8]) -> Result<(Uuid, Vec<(String, String)>), S
             .collect();
         String::from_utf16(&units).map_err(|_| "parent locator string is not UTF-16".to_string())
     };
-    let mut kv = Vec::with_capacity(count);
+    let mut kv = Vec::with_capacity(count.min(256));
     for i in 0..count {
         let o = 20 + 12 * i;
         let key = text(u32_at(b, o), u16_at(b, o + 8))?;
@@ -417,7 +417,8 @@ pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry
     if crc_with_hole(&e, 4) != u32_at(&e, 4) {
         return None;
     }
-    let mut ops = Vec::with_capacity(count);
+    // `count` is bounded by the entry length checked above; cap the reservation anyway.
+    let mut ops = Vec::with_capacity(count.min(4096));
     let mut data_idx = ds;
     for i in 0..count {
         let d = 64 + 32 * i;
@@ -474,11 +475,40 @@ pub fn parse_log_entry(log: &[u8], pos: u64, log_guid: &Uuid) -> Option<LogEntry
 /// the tail lies inside the run (qemu's tails can point elsewhere; then the whole
 /// run is replayed, as qemu itself does).
 pub fn find_active_sequence(log: &[u8], log_guid: &Uuid) -> Vec<LogEntry> {
+    find_active_sequence_bounded(log, log_guid).unwrap_or_default()
+}
+
+/// Bytes of candidate entries [`find_active_sequence_bounded`] checksums before it
+/// calls the log damaged: every sector may start an entry as long as the whole log,
+/// so an unbounded scan of a hostile log costs (log length)^2 / 4 KiB.
+pub fn log_scan_budget(len: u64) -> u64 {
+    len.saturating_mul(8).max(64 * MIB)
+}
+
+/// [`find_active_sequence`], or `Err` when the log's candidate entries would cost
+/// more than [`log_scan_budget`] to checksum (no real writer produces that).
+pub fn find_active_sequence_bounded(log: &[u8], log_guid: &Uuid) -> Result<Vec<LogEntry>, String> {
     let len = log.len() as u64;
     let sectors = len / LOG_SECTOR as u64;
     let mut by_pos = std::collections::HashMap::new();
+    let mut budget = log_scan_budget(len);
     for s in 0..sectors {
-        if let Some(e) = parse_log_entry(log, s * LOG_SECTOR as u64, log_guid) {
+        let pos = s * LOG_SECTOR as u64;
+        let p = pos as usize;
+        let Some(head) = log.get(p..p + 64) else {
+            continue;
+        };
+        if &head[..4] != b"loge" || guid_at(head, 32) != *log_guid {
+            continue;
+        }
+        let cost = (u32_at(head, 8) as u64).min(len);
+        budget = budget.checked_sub(cost).ok_or_else(|| {
+            format!(
+                "the log's entry headers claim more than {} bytes to checksum",
+                log_scan_budget(len)
+            )
+        })?;
+        if let Some(e) = parse_log_entry(log, pos, log_guid) {
             by_pos.insert(e.position, e);
         }
     }
@@ -487,7 +517,7 @@ pub fn find_active_sequence(log: &[u8], log_guid: &Uuid) -> Vec<LogEntry> {
         .max_by_key(|e| e.sequence)
         .map(|e| e.position)
     else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     // Walk backwards through predecessors (entry ending where the next begins,
     // sequence one lower).
@@ -512,10 +542,10 @@ pub fn find_active_sequence(log: &[u8], log_guid: &Uuid) -> Vec<LogEntry> {
         chain.push(prev.position);
     }
     chain.reverse();
-    chain
+    Ok(chain
         .into_iter()
         .filter_map(|p| by_pos.remove(&p))
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

@@ -472,7 +472,8 @@ impl VhdxFile {
         if !hdr.log_guid.is_nil() && log_length > 0 {
             let mut log = vec![0u8; log_length as usize];
             io.read(log_offset, &mut log)?;
-            let seq = find_active_sequence(&log, &hdr.log_guid);
+            let seq = find_active_sequence_bounded(&log, &hdr.log_guid)
+                .map_err(|w| corrupt(format!("damaged log: {w}")))?;
             if let Some(head) = seq.last() {
                 if head.flushed_file_offset > file_len {
                     return Err(corrupt(format!(

@@ -86,7 +86,11 @@ fn sources(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn structure_mutations_are_refused_or_served_soundly() {
-    let dir = tempfile::tempdir().unwrap();
+    // tmpfs when there is one: thousands of image rewrites and fsyncs.
+    let dir = match std::path::Path::new("/dev/shm") {
+        shm if shm.is_dir() => tempfile::tempdir_in(shm).unwrap(),
+        _ => tempfile::tempdir().unwrap(),
+    };
     let srcs = sources(dir.path());
     let n: u64 = std::env::var("FV_STRUCTURE_FUZZ_CASES")
         .ok()

@@ -490,7 +490,8 @@ pub fn judge(path: &Path, what: &str) -> Result<Outcome, String> {
             let mut off = 0;
             let mut read_errors = 0;
             while off < size && off < 256 * MIB {
-                match v.read_layer(off, &mut buf, &mut Vec::new()) {
+                let n = (size - off).min(buf.len() as u64) as usize;
+                match v.read_layer(off, &mut buf[..n], &mut Vec::new()) {
                     Ok(()) => {}
                     Err(DiskError::DamagedBlock { .. }) | Err(DiskError::Corrupt { .. }) => {
                         read_errors += 1

@@ -11,8 +11,7 @@ use super::{werr, Vm};
 use fv_model::api::{FreezeStatus, GuestAdapter, GuestInfo, HeartbeatStatus, HeartbeatView};
 use fv_model::{IntegrationServices, VmState};
 use fv_qga::QgaError;
-use fv_worker_proto::{ErrorCode, Event, WorkerError};
-use serde_json::{json, Value};
+use fv_worker_proto::{ErrorCode, Event, Reply, WorkerError};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -245,7 +244,7 @@ impl Vm {
         self: &Arc<Self>,
         services: IntegrationServices,
         vm_name: Option<String>,
-    ) -> Result<Value, WorkerError> {
+    ) -> Result<Reply, WorkerError> {
         let (old, renamed) = {
             let mut g = self.integ();
             let old = g.services;
@@ -283,7 +282,9 @@ impl Vm {
             tokio::spawn(async move { me.publish_host_kvp().await });
         }
         tracing::info!("integration services now {services:?}");
-        Ok(json!({ "integration_services": services }))
+        Ok(Reply::Integration {
+            integration_services: services,
+        })
     }
 
     // ------------------------------------------------------------ key-value exchange
@@ -488,7 +489,7 @@ impl Vm {
     /// Set the guest clock from the host's CLOCK_REALTIME. Callable by anything that
     /// brings back an old guest state (restore, resume after a long pause, and later
     /// checkpoint apply).
-    pub async fn sync_time(&self, reason: &str) -> Result<Value, WorkerError> {
+    pub async fn sync_time(&self, reason: &str) -> Result<Reply, WorkerError> {
         if !self.services().time_sync {
             return Err(werr(
                 ErrorCode::InvalidState,
@@ -516,9 +517,11 @@ impl Vm {
             host_ns: host,
             correction_ms,
         });
-        Ok(
-            json!({ "guest_before_ns": guest_before, "host_ns": host, "correction_ms": correction_ms }),
-        )
+        Ok(Reply::TimeSynced {
+            guest_before_ns: guest_before,
+            host_ns: host,
+            correction_ms,
+        })
     }
 
     pub(super) fn note_paused(&self) {
@@ -570,7 +573,7 @@ impl Vm {
         Ok(())
     }
 
-    pub async fn freeze(self: &Arc<Self>, timeout_s: u64) -> Result<Value, WorkerError> {
+    pub async fn freeze(self: &Arc<Self>, timeout_s: u64) -> Result<Reply, WorkerError> {
         // fvd allows 1-600 s; a freeze must never be unbounded whoever asks.
         let timeout_s = timeout_s.clamp(1, 3600);
         let _g = self.freeze_lock.lock().await;
@@ -623,12 +626,15 @@ impl Vm {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
-        Ok(json!({ "filesystems": n, "thaw_deadline": deadline }))
+        Ok(Reply::Frozen {
+            filesystems: n,
+            thaw_deadline: deadline,
+        })
     }
 
-    pub async fn thaw(&self) -> Result<Value, WorkerError> {
+    pub async fn thaw(&self) -> Result<Reply, WorkerError> {
         let n = self.thaw_inner("requested", None).await?;
-        Ok(json!({ "filesystems": n }))
+        Ok(Reply::Thawed { filesystems: n })
     }
 
     /// Thaw (only freeze generation `gen`, when given). Thawing is always allowed,
@@ -669,7 +675,7 @@ impl Vm {
         }
     }
 
-    pub async fn freeze_status(&self) -> Result<Value, WorkerError> {
+    pub async fn freeze_status(&self) -> Result<Reply, WorkerError> {
         let mut st = self.integ().freeze;
         if self.state() == VmState::Running {
             if let Ok(s) = self.qga.fsfreeze_status(QUERY_TIMEOUT).await {
@@ -679,7 +685,7 @@ impl Vm {
                 }
             }
         }
-        serde_json::to_value(st).map_err(|e| werr(ErrorCode::Internal, e.to_string()))
+        Ok(Reply::FreezeStatus(st))
     }
 
     // ------------------------------------------------------------ guest services (copy file)
@@ -692,7 +698,7 @@ impl Vm {
         create_full_path: bool,
         overwrite: bool,
         token: &str,
-    ) -> Result<Value, WorkerError> {
+    ) -> Result<Reply, WorkerError> {
         if !self.services().guest_services {
             return Err(werr(
                 ErrorCode::InvalidState,
@@ -798,7 +804,10 @@ impl Vm {
                 format!("{dest} in the guest has {guest_size} bytes, the source {size}"),
             ));
         }
-        Ok(json!({ "bytes": size, "dest": dest }))
+        Ok(Reply::Copied {
+            bytes: size,
+            dest: dest.to_string(),
+        })
     }
 
     async fn copy_stream(

@@ -10,17 +10,18 @@ mod vm;
 
 use anyhow::{bail, Context, Result};
 use fv_worker_proto::{
-    encode, ErrorCode, EventMessage, LaunchSpec, Message, Op, Request, Response, PID_NAME,
+    encode, ErrorCode, EventMessage, LaunchSpec, Message, Op, Reply, Request, Response, PID_NAME,
     PROTOCOL_VERSION, SOCKET_NAME,
 };
-use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
-use vm::{werr, Vm};
+use vm::{werr, Cancel, Vm};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 1 << 20;
@@ -221,6 +222,84 @@ async fn run(spec: LaunchSpec, confinement_warning: Option<String>) -> Result<()
     Ok(())
 }
 
+/// Reads request lines from a connection with recvmsg, so that descriptors passed
+/// as SCM_RIGHTS arrive alongside (in order: the line that carries them takes them).
+struct ConnReader {
+    rd: tokio::net::unix::OwnedReadHalf,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    eof: bool,
+}
+
+/// Descriptors a connection may have waiting at once; more are closed.
+const MAX_PENDING_FDS: usize = 16;
+
+impl ConnReader {
+    /// The next line (without its newline), or None at end of stream.
+    async fn next_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(pos.saturating_add(1));
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.buf.len() as u64 > MAX_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("request line longer than {MAX_LINE} bytes"),
+                ));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            let stream: &UnixStream = self.rd.as_ref();
+            stream.readable().await?;
+            let mut chunk = [0u8; 16 << 10];
+            let got = stream.try_io(tokio::io::Interest::READABLE, || {
+                recv_with_fds(stream.as_raw_fd(), &mut chunk)
+            });
+            match got {
+                Ok((0, _)) => self.eof = true,
+                Ok((n, fds)) => {
+                    self.buf.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
+                    for fd in fds {
+                        if self.fds.len() < MAX_PENDING_FDS {
+                            self.fds.push_back(fd);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// One recvmsg: bytes into `buf`, SCM_RIGHTS descriptors (close-on-exec) returned.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    // A truncated control message (more descriptors than room) is an error from
+    // cmsgs(); the kernel closed the ones that did not fit.
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(v) = c {
+                for raw in v {
+                    // SAFETY: the kernel just installed `raw` in our descriptor table
+                    // for us (SCM_RIGHTS); nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<String>(64);
@@ -231,15 +310,20 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
             }
         }
     });
-    let mut rd = BufReader::new(rd);
-    let mut buf = Vec::new();
+    let mut rd = ConnReader {
+        rd,
+        buf: Vec::new(),
+        fds: VecDeque::new(),
+        eof: false,
+    };
+    // Long operations of this connection by request id, for Cancel.
+    let cancels: Arc<std::sync::Mutex<HashMap<u64, Cancel>>> = Arc::default();
     let mut forwarder: Option<tokio::task::JoinHandle<()>> = None;
     loop {
-        buf.clear();
-        match (&mut rd).take(MAX_LINE).read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
+        let buf = match rd.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) | Err(_) => break,
+        };
         let line = buf.trim_ascii();
         if line.is_empty() {
             continue;
@@ -248,7 +332,7 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
             Ok(Message::Request(r)) => r,
             Ok(_) => continue,
             Err(e) => {
-                let id = serde_json::from_slice::<Value>(line)
+                let id = serde_json::from_slice::<serde_json::Value>(line)
                     .ok()
                     .and_then(|v| v.get("id")?.as_u64())
                     .unwrap_or(0);
@@ -263,35 +347,61 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
                 continue;
             }
         };
-        if let Op::Subscribe = req.op {
-            if forwarder.is_none() {
-                let mut events = vm.events.subscribe();
-                let tx2 = tx.clone();
-                forwarder = Some(tokio::spawn(async move {
-                    loop {
-                        let ev = match events.recv().await {
-                            Ok(e) => e,
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                                fv_worker_proto::Event::Warning {
-                                    message: format!("{n} events were dropped"),
+        let immediate = match &req.op {
+            Op::Subscribe => {
+                if forwarder.is_none() {
+                    let mut events = vm.events.subscribe();
+                    let tx2 = tx.clone();
+                    forwarder = Some(tokio::spawn(async move {
+                        loop {
+                            let ev = match events.recv().await {
+                                Ok(e) => e,
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                    fv_worker_proto::Event::Warning {
+                                        message: format!("{n} events were dropped"),
+                                    }
                                 }
+                                Err(_) => return,
+                            };
+                            let Ok(s) = encode(&EventMessage { event: ev }) else {
+                                continue;
+                            };
+                            if tx2.send(s).await.is_err() {
+                                return;
                             }
-                            Err(_) => return,
-                        };
-                        let Ok(s) = encode(&EventMessage { event: ev }) else {
-                            continue;
-                        };
-                        if tx2.send(s).await.is_err() {
-                            return;
                         }
-                    }
-                }));
+                    }));
+                }
+                Some(Ok(Reply::Done))
             }
-            let resp = Response {
-                id: req.id,
-                ok: Some(Value::Null),
-                error: None,
-            };
+            Op::AttachFd { name } => Some(match rd.fds.pop_front() {
+                Some(fd) => vm.attach_fd(name.clone(), fd),
+                None => Err(werr(
+                    ErrorCode::BadRequest,
+                    "attach_fd: no file descriptor arrived with the request (send it as SCM_RIGHTS with the line)",
+                )),
+            }),
+            Op::Cancel { request } => {
+                let c = cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(request)
+                    .cloned();
+                Some(match c {
+                    Some(c) => {
+                        c.cancel();
+                        Ok(Reply::CancelRequested { request: *request })
+                    }
+                    None => Err(werr(
+                        ErrorCode::BadRequest,
+                        format!("no long operation with request id {request} runs on this connection"),
+                    )),
+                })
+            }
+            _ => None,
+        };
+        if let Some(r) = immediate {
+            let resp = response(req.id, r);
             if let Ok(s) = encode(&resp) {
                 let _ = tx.send(s).await;
             }
@@ -299,22 +409,26 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
         }
         let vm = vm.clone();
         let tx = tx.clone();
+        let cancel = Cancel::default();
+        let long = matches!(req.op, Op::Save { .. });
+        if long {
+            cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(req.id, cancel.clone());
+        }
+        let cancels = cancels.clone();
+        // Every request runs on its own task: a long one never delays the others.
         tokio::spawn(async move {
             let id = req.id;
-            let r = handle(&vm, req.op).await;
-            let resp = match r {
-                Ok(v) => Response {
-                    id,
-                    ok: Some(v),
-                    error: None,
-                },
-                Err(e) => Response {
-                    id,
-                    ok: None,
-                    error: Some(e),
-                },
-            };
-            if let Ok(s) = encode(&resp) {
+            let r = handle(&vm, req.op, cancel, id).await;
+            if long {
+                cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            if let Ok(s) = encode(&response(id, r)) {
                 let _ = tx.send(s).await;
             }
         });
@@ -326,7 +440,27 @@ async fn serve_conn(vm: Arc<Vm>, stream: UnixStream) {
     let _ = writer.await;
 }
 
-async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerError> {
+fn response(id: u64, r: Result<Reply, fv_worker_proto::WorkerError>) -> Response {
+    match r {
+        Ok(v) => Response {
+            id,
+            ok: Some(v),
+            error: None,
+        },
+        Err(e) => Response {
+            id,
+            ok: None,
+            error: Some(e),
+        },
+    }
+}
+
+async fn handle(
+    vm: &Arc<Vm>,
+    op: Op,
+    cancel: Cancel,
+    request: u64,
+) -> Result<Reply, fv_worker_proto::WorkerError> {
     match op {
         Op::Hello { version } => {
             if version != PROTOCOL_VERSION {
@@ -335,25 +469,31 @@ async fn handle(vm: &Arc<Vm>, op: Op) -> Result<Value, fv_worker_proto::WorkerEr
                     format!("protocol version {version} not supported (worker speaks {PROTOCOL_VERSION})"),
                 ));
             }
-            Ok(
-                json!({ "version": PROTOCOL_VERSION, "vm_id": vm.spec.config.id.to_string(), "worker_pid": std::process::id() }),
-            )
+            Ok(Reply::Hello {
+                version: PROTOCOL_VERSION,
+                vm_id: vm.spec.config.id.to_string(),
+                worker_pid: std::process::id(),
+            })
         }
         Op::Status => {
             let s = vm.status();
             vm.critical_acknowledged();
-            serde_json::to_value(s).map_err(|e| werr(ErrorCode::Internal, e.to_string()))
+            Ok(Reply::Status(s))
         }
-        Op::Subscribe => Ok(Value::Null),
+        // Answered by serve_conn itself.
+        Op::Subscribe | Op::Cancel { .. } | Op::AttachFd { .. } => Err(werr(
+            ErrorCode::Internal,
+            "connection-level op reached the dispatcher",
+        )),
         Op::Pause => vm.pause().await,
         Op::Resume => vm.resume().await,
         Op::Reset => vm.reset().await,
         Op::TurnOff => vm.turn_off().await,
         Op::ShutDown { timeout_s } => vm.shut_down(timeout_s).await,
-        Op::Save { dir } => vm.save(&dir).await,
+        Op::Save { dir } => vm.save(&dir, cancel, request).await,
         Op::ChangeMedia { dvd_index, path } => vm.change_media(dvd_index, path.as_deref()).await,
         Op::GuestPing => vm.guest_ping().await,
-        Op::Stats => Ok(vm.stats()),
+        Op::Stats => Ok(Reply::Stats(vm.stats())),
         Op::SetIntegration { services, vm_name } => vm.set_integration(services, vm_name).await,
         Op::Freeze { timeout_s } => vm.freeze(timeout_s).await,
         Op::Thaw => vm.thaw().await,

@@ -7,11 +7,17 @@ pub mod integration;
 use crate::disks::{self, ServedDisk};
 use crate::qemu_cmd::{self, Paths};
 use anyhow::{anyhow, bail, Context, Result};
+use fv_model::state::{allows, Action};
 use fv_model::{Generation, VmState};
 use fv_qga::Qga;
 use fv_qmp::Qmp;
-use fv_worker_proto::{ErrorCode, Event, LaunchSpec, WorkerError, WorkerStatus};
+use fv_worker_proto::{
+    DiskStats, ErrorCode, Event, FinalResult, LaunchSpec, ProcStats, Reply, WorkerError,
+    WorkerStats, WorkerStatus,
+};
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +29,52 @@ pub const STATE_META: &str = "vmstate.json";
 
 /// How long a crashed worker keeps answering before it exits.
 const CRITICAL_LINGER: Duration = Duration::from_secs(30);
+/// A guest that lost the ACPI power button press (e.g. right after a reset, before
+/// its ACPI daemon runs) gets the shut down request again this often.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(10);
+/// Migration bandwidth of a save (bytes/s): far above what a disk takes.
+const SAVE_MAX_BANDWIDTH: u64 = 16 << 30;
+/// Lines of qemu.log quoted in a failed start's reason.
+const QEMU_LOG_LINES: usize = 5;
+
+/// Cancellation of one long operation (Cancel, or Turn Off cancelling everything).
+#[derive(Clone)]
+pub struct Cancel(Arc<watch::Sender<bool>>);
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Cancel(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+    /// Resolves once cancelled.
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+/// A long operation in progress (listed in status, cancelled by Turn Off).
+struct RunningOp {
+    name: &'static str,
+    cancel: Cancel,
+}
+
+/// Removes its operation from the list when the operation ends.
+struct OpEntry<'a> {
+    vm: &'a Vm,
+    key: u64,
+}
+
+impl Drop for OpEntry<'_> {
+    fn drop(&mut self) {
+        self.vm.lock().ops.remove(&self.key);
+    }
+}
 
 pub struct Shared {
     pub state: VmState,
@@ -38,6 +90,14 @@ pub struct Shared {
     /// Final state reached; the worker is about to exit.
     pub finished: bool,
     pub shutdown_pending: bool,
+    /// Turn Off has begun: nothing but Stopping, Off or Critical may follow, and
+    /// every other operation gives up without touching the state.
+    pub turning_off: bool,
+    /// Long operations running now, by a worker-wide key.
+    ops: HashMap<u64, RunningOp>,
+    next_op: u64,
+    /// The saved-state directory a completed save left (for the result file).
+    saved_dir: Option<PathBuf>,
 }
 
 pub struct Vm {
@@ -60,6 +120,8 @@ pub struct Vm {
     kvp_kick: tokio::sync::Notify,
     /// Serialises freeze and thaw.
     freeze_lock: tokio::sync::Mutex<()>,
+    /// File descriptors handed over with AttachFd (tap devices, opened files).
+    pub fds: Mutex<HashMap<String, OwnedFd>>,
 }
 
 pub fn werr(code: ErrorCode, message: impl Into<String>) -> WorkerError {
@@ -94,6 +156,10 @@ impl Vm {
                 macs: Vec::new(),
                 finished: false,
                 shutdown_pending: false,
+                turning_off: false,
+                ops: HashMap::new(),
+                next_op: 1,
+                saved_dir: None,
             }),
             events,
             qga,
@@ -106,6 +172,7 @@ impl Vm {
             integ: Mutex::new(integ),
             kvp_kick: tokio::sync::Notify::new(),
             freeze_lock: tokio::sync::Mutex::new(()),
+            fds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -124,9 +191,25 @@ impl Vm {
     }
 
     pub fn set_state(&self, state: VmState, reason: Option<String>) {
+        self.set_state_inner(state, reason, false)
+    }
+
+    /// `last`: the final state itself (set once by finish / finish_critical).
+    fn set_state_inner(&self, state: VmState, reason: Option<String>, last: bool) {
         {
             let mut s = self.lock();
             if s.state == state && s.reason == reason {
+                return;
+            }
+            // Once Turn Off has begun, an operation it cancelled must not put back
+            // the state it started from.
+            if s.turning_off
+                && !matches!(state, VmState::Stopping | VmState::Off | VmState::Critical)
+            {
+                return;
+            }
+            // A final state is final.
+            if s.finished && !last {
                 return;
             }
             s.state = state;
@@ -161,16 +244,54 @@ impl Vm {
         )
     }
 
-    fn op_guard(&self, what: &str) -> Result<tokio::sync::MutexGuard<'_, ()>, WorkerError> {
-        self.op.try_lock().map_err(|_| {
+    /// The state table's answer for `action` now, as a worker error.
+    fn check(&self, action: Action) -> Result<(), WorkerError> {
+        let s = self.lock();
+        if s.turning_off && action != Action::TurnOff {
+            return Err(werr(
+                ErrorCode::InvalidState,
+                format!("cannot {action}: the VM is being turned off"),
+            ));
+        }
+        allows(s.state, action).map_err(|r| {
+            let why = s
+                .reason
+                .as_deref()
+                .map(|x| format!(" ({x})"))
+                .unwrap_or_default();
+            werr(ErrorCode::InvalidState, format!("{r}{why}"))
+        })
+    }
+
+    /// Check `action` against the state table, then take the lock that keeps two
+    /// state changes from interleaving (Turn Off never takes it).
+    fn op_guard(&self, action: Action) -> Result<tokio::sync::MutexGuard<'_, ()>, WorkerError> {
+        self.check(action)?;
+        let g = self.op.try_lock().map_err(|_| {
             werr(
                 ErrorCode::InvalidState,
                 format!(
-                    "cannot {what}: another operation is in progress (state {})",
+                    "cannot {action}: another operation is in progress (state {})",
                     self.state()
                 ),
             )
-        })
+        })?;
+        // The state may have changed while the holder finished.
+        self.check(action)?;
+        Ok(g)
+    }
+
+    /// List a long operation (status, Turn Off cancels it) until the entry drops.
+    fn register_op(&self, name: &'static str, cancel: Cancel) -> OpEntry<'_> {
+        let mut s = self.lock();
+        let key = s.next_op;
+        s.next_op = s.next_op.wrapping_add(1);
+        s.ops.insert(key, RunningOp { name, cancel });
+        OpEntry { vm: self, key }
+    }
+
+    fn turning_off(&self) -> bool {
+        self.lock().turning_off
     }
 
     pub fn status(&self) -> WorkerStatus {
@@ -190,6 +311,8 @@ impl Vm {
         WorkerStatus {
             vm_id: self.spec.config.id.to_string(),
             state: s.state,
+            reason: s.reason.clone(),
+            operations: s.ops.values().map(|o| o.name.to_string()).collect(),
             worker_pid: std::process::id(),
             qemu_pid: s.qemu_pid,
             uptime_s: s.qemu_started.map(|t| t.elapsed().as_secs()).unwrap_or(0),
@@ -212,10 +335,38 @@ impl Vm {
     /// Bring the VM up (cold boot or restore). On failure the VM goes Critical.
     pub async fn start(self: &Arc<Self>) {
         if let Err(e) = self.try_start().await {
+            if self.turning_off() {
+                // Turn Off finishes the VM (Off); the start simply ends.
+                tracing::info!("start ended by turn off: {e:#}");
+                self.kill_qemu();
+                return;
+            }
             let msg = format!("start failed: {e:#}");
             tracing::error!("{msg}");
             self.kill_qemu();
             self.finish_critical(msg);
+        }
+    }
+
+    /// How QEMU ended ("exit status: 1"), once it has.
+    fn qemu_exit_detail(&self) -> String {
+        self.qemu_exit
+            .borrow()
+            .as_ref()
+            .map(|(_, d)| d.clone())
+            .unwrap_or_else(|| "still running".into())
+    }
+
+    /// The last lines QEMU wrote (its stderr goes to qemu.log), for failure reasons.
+    pub fn qemu_log_tail(&self) -> String {
+        let t = std::fs::read_to_string(self.spec.runtime_dir.join("qemu.log")).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+        let from = lines.len().saturating_sub(QEMU_LOG_LINES);
+        let tail = lines.get(from..).unwrap_or(&[]).join(" | ");
+        if tail.is_empty() {
+            "empty".into()
+        } else {
+            tail
         }
     }
 
@@ -271,6 +422,9 @@ impl Vm {
             spec.qemu_binary.display(),
             cmd.args.join(" ")
         );
+        if self.turning_off() {
+            bail!("turned off while starting");
+        }
         let child = spawn_qemu(spec, &cmd.args)?;
         let pid = child.id();
         {
@@ -285,7 +439,11 @@ impl Vm {
         let mut exit_rx = self.qemu_exit.subscribe();
         let qmp = tokio::select! {
             q = Qmp::connect_retry(&qmp_path, Duration::from_secs(60)) => q.context("connect QMP")?,
-            _ = exit_rx.wait_for(|e| e.is_some()) => bail!("QEMU exited during start-up (see qemu.log)"),
+            _ = exit_rx.wait_for(|e| e.is_some()) => bail!(
+                "QEMU exited during start-up: {} (qemu.log: {})",
+                self.qemu_exit_detail(),
+                self.qemu_log_tail()
+            ),
         };
         let qmp = Arc::new(qmp);
         let events = qmp.events();
@@ -310,6 +468,9 @@ impl Vm {
             self.restore(&qmp, &dir).await?;
             // The guest clock stopped at save time: set it once the agent answers.
             self.integ().time_sync_pending = true;
+        }
+        if self.turning_off() {
+            bail!("turned off while starting");
         }
         qmp.cont().await?;
         self.set_state(VmState::Running, None);
@@ -472,7 +633,10 @@ impl Vm {
             let _op = self.op.lock().await;
             self.finish(VmState::Off, Some("guest shut down".into()));
         } else if self.state() != VmState::Starting {
-            self.finish_critical(format!("QEMU exited unexpectedly: {detail} (see qemu.log)"));
+            self.finish_critical(format!(
+                "QEMU exited unexpectedly: {detail} (qemu.log: {})",
+                self.qemu_log_tail()
+            ));
         }
     }
 
@@ -489,8 +653,35 @@ impl Vm {
             tracing::error!("{e}");
             self.emit(Event::Warning { message: e.clone() });
         }
-        self.set_state(state, reason);
+        self.write_result(state, reason.clone());
+        self.set_state_inner(state, reason, true);
         self.request_exit(Duration::from_millis(500));
+    }
+
+    /// Leave the final outcome in the runtime dir: an fvd that was down (or killed)
+    /// when it happened reads it on restart instead of guessing.
+    fn write_result(&self, state: VmState, reason: Option<String>) {
+        let saved_dir = if state == VmState::Saved {
+            self.lock().saved_dir.clone()
+        } else {
+            None
+        };
+        let r = FinalResult {
+            vm_id: self.spec.config.id.to_string(),
+            state,
+            reason,
+            saved_dir,
+            at: integration::unix_now(),
+        };
+        let path = self.spec.runtime_dir.join(fv_worker_proto::RESULT_NAME);
+        let tmp = path.with_extension("json.tmp");
+        let res = serde_json::to_vec_pretty(&r)
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_synced(&tmp, &b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            tracing::error!("cannot write {}: {e}", path.display());
+        }
     }
 
     fn finish_critical(&self, cause: String) {
@@ -504,7 +695,8 @@ impl Vm {
         for e in errs {
             self.emit(Event::Warning { message: e });
         }
-        self.set_state(VmState::Critical, Some(cause));
+        self.write_result(VmState::Critical, Some(cause.clone()));
+        self.set_state_inner(VmState::Critical, Some(cause), true);
         self.request_exit(CRITICAL_LINGER);
     }
 
@@ -537,57 +729,82 @@ impl Vm {
 
     // ---------------------------------------------------------------- operations
 
-    pub async fn pause(&self) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("pause")?;
-        if self.state() != VmState::Running {
-            return Err(self.invalid("pause"));
-        }
+    pub async fn pause(&self) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::Pause)?;
         self.qmp()?.stop().await.map_err(qerr)?;
         self.note_paused();
         self.set_state(VmState::Paused, None);
-        Ok(Value::Null)
+        Ok(Reply::Done)
     }
 
-    pub async fn resume(self: &Arc<Self>) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("resume")?;
-        if self.state() != VmState::Paused {
-            return Err(self.invalid("resume"));
-        }
+    pub async fn resume(self: &Arc<Self>) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::Resume)?;
         self.qmp()?.cont().await.map_err(qerr)?;
         self.set_state(VmState::Running, None);
         self.note_resumed();
-        Ok(Value::Null)
+        Ok(Reply::Done)
     }
 
-    pub async fn reset(&self) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("reset")?;
+    /// Hardware reset. As Hyper-V's Reset, a paused VM comes back running.
+    pub async fn reset(self: &Arc<Self>) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::Reset)?;
         let before = self.state();
-        if !matches!(before, VmState::Running | VmState::Paused) {
-            return Err(self.invalid("reset"));
-        }
         let qmp = self.qmp()?;
         self.set_state(VmState::Resetting, None);
         let r = qmp.system_reset().await.map_err(qerr);
-        self.set_state(before, None);
-        r.map(|_| Value::Null)
+        let r = match (r, before) {
+            (Ok(()), VmState::Paused) => {
+                let c = qmp.cont().await.map_err(qerr);
+                if c.is_ok() {
+                    self.note_resumed();
+                }
+                c.map(|()| VmState::Running)
+            }
+            (Ok(()), _) => Ok(VmState::Running),
+            (Err(e), _) => Err(e),
+        };
+        match r {
+            Ok(after) => {
+                self.set_state(after, None);
+                Ok(Reply::Done)
+            }
+            Err(e) => {
+                self.set_state(before, Some(format!("reset failed: {}", e.message)));
+                Err(e)
+            }
+        }
     }
 
-    pub async fn turn_off(&self) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("turn off")?;
-        let st = self.state();
-        if !matches!(
-            st,
-            VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting
-        ) {
-            return Err(self.invalid("turn off"));
+    /// Pull the plug, whatever runs: a save, shut down, reset or start in progress
+    /// is cancelled (a partial saved state is discarded) and the VM ends Off.
+    pub async fn turn_off(&self) -> Result<Reply, WorkerError> {
+        self.check(Action::TurnOff)?;
+        let (already, ops, was) = {
+            let mut s = self.lock();
+            let already = std::mem::replace(&mut s.turning_off, true);
+            let ops: Vec<Cancel> = s.ops.values().map(|o| o.cancel.clone()).collect();
+            s.exit_expected = true;
+            (already, ops, s.state)
+        };
+        if already {
+            // A second Turn Off waits for the first one's result.
+            self.wait_qemu_exit(Duration::from_secs(30)).await;
+            return Ok(Reply::Done);
+        }
+        for c in ops {
+            c.cancel();
         }
         // Pointless for a VM about to lose power, but a freeze must not outlive us.
-        self.thaw_if_frozen("turn off").await;
-        self.lock().exit_expected = true;
+        if was == VmState::Running {
+            self.thaw_if_frozen("turn off").await;
+        }
         self.set_state(VmState::Stopping, Some("turning off".into()));
         if let Ok(q) = self.qmp() {
-            if let Err(e) = q.quit().await {
-                tracing::warn!("quit: {e}");
+            // QMP may not answer while a migration completes: never wait long on it.
+            match tokio::time::timeout(Duration::from_secs(5), q.quit()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("quit: {e}"),
+                Err(_) => tracing::warn!("quit: QEMU did not answer within 5 s"),
             }
         }
         if !self.wait_qemu_exit(Duration::from_secs(10)).await {
@@ -595,68 +812,101 @@ impl Vm {
             self.wait_qemu_exit(Duration::from_secs(10)).await;
         }
         self.finish(VmState::Off, Some("turned off".into()));
-        Ok(Value::Null)
+        Ok(Reply::Done)
     }
 
-    pub async fn shut_down(self: &Arc<Self>, timeout_s: u64) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("shut down")?;
-        if self.state() != VmState::Running {
-            return Err(self.invalid("shut down"));
-        }
+    pub async fn shut_down(self: &Arc<Self>, timeout_s: u64) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::ShutDown)?;
         let qmp = self.qmp()?;
         // A frozen guest cannot flush its filesystems on the way down.
         self.thaw_if_frozen("shut down").await;
-        // The shutdown integration service withdrawn: only the ACPI power button.
-        let use_agent = self.services().shutdown;
-        let method = if use_agent && self.qga.ping(Duration::from_secs(2)).await.is_ok() {
-            match self.qga.shutdown("powerdown", Duration::from_secs(2)).await {
-                Ok(()) => "agent",
-                Err(e) => {
-                    tracing::warn!("guest-shutdown failed ({e}); using ACPI");
-                    qmp.system_powerdown().await.map_err(qerr)?;
-                    "acpi"
-                }
-            }
-        } else {
-            qmp.system_powerdown().await.map_err(qerr)?;
-            "acpi"
-        };
+        let method = self.request_shutdown(&qmp).await?;
         self.lock().shutdown_pending = true;
         self.set_state(VmState::Stopping, Some(format!("shutting down ({method})")));
         let me = self.clone();
         tokio::spawn(async move {
-            if !me.wait_qemu_exit(Duration::from_secs(timeout_s)).await {
-                let still = {
-                    let mut s = me.lock();
-                    std::mem::replace(&mut s.shutdown_pending, false)
-                        && s.state == VmState::Stopping
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_s);
+            let mut attempts = 1u32;
+            loop {
+                let next = (tokio::time::Instant::now() + SHUTDOWN_RETRY).min(deadline);
+                let mut rx = me.qemu_exit.subscribe();
+                let exited = tokio::time::timeout_at(next, rx.wait_for(|e| e.is_some()))
+                    .await
+                    .is_ok();
+                drop(rx);
+                let pending = {
+                    let s = me.lock();
+                    s.shutdown_pending && s.state == VmState::Stopping && !s.turning_off
                 };
-                if still {
+                if exited || !pending {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    me.lock().shutdown_pending = false;
                     me.emit(Event::ShutdownTimedOut);
                     me.set_state(
                         VmState::Running,
                         Some("guest did not shut down in time".into()),
                     );
+                    return;
+                }
+                // The guest may have missed the request (a reset just before, ACPI
+                // not yet listening): ask again.
+                let Ok(q) = me.qmp() else { return };
+                attempts = attempts.saturating_add(1);
+                match me.request_shutdown(&q).await {
+                    Ok(m) => me.emit(Event::Warning {
+                        message: format!(
+                            "guest still running after a shut down request: asked again ({m}, attempt {attempts})"
+                        ),
+                    }),
+                    Err(e) => tracing::warn!("repeated shut down request failed: {e}"),
                 }
             }
         });
-        Ok(json!({ "method": method }))
+        Ok(Reply::ShutDown {
+            method: method.to_string(),
+        })
     }
 
-    pub async fn save(self: &Arc<Self>, dir: &Path) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("save")?;
-        let before = self.state();
-        if !matches!(before, VmState::Running | VmState::Paused) {
-            return Err(self.invalid("save"));
+    /// Ask the guest to shut down: agent when offered and answering, else ACPI.
+    async fn request_shutdown(&self, qmp: &Qmp) -> Result<&'static str, WorkerError> {
+        // The shutdown integration service withdrawn: only the ACPI power button.
+        let use_agent = self.services().shutdown;
+        if use_agent && self.qga.ping(Duration::from_secs(2)).await.is_ok() {
+            match self.qga.shutdown("powerdown", Duration::from_secs(2)).await {
+                Ok(()) => return Ok("agent"),
+                Err(e) => tracing::warn!("guest-shutdown failed ({e}); using ACPI"),
+            }
         }
+        qmp.system_powerdown().await.map_err(qerr)?;
+        Ok("acpi")
+    }
+
+    /// Save memory and device state into `dir`, then end Saved. `cancel` (Cancel,
+    /// Turn Off) stops it: the partial state is removed and the VM goes back to the
+    /// state before (or Off, after Turn Off).
+    pub async fn save(
+        self: &Arc<Self>,
+        dir: &Path,
+        cancel: Cancel,
+        request: u64,
+    ) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::Save)?;
+        let before = self.state();
         let qmp = self.qmp()?;
         let dir = qemu_cmd::resolve(&self.spec.vm_dir, dir);
+        let _op = self.register_op("save", cancel.clone());
         // A saved frozen guest would stay frozen after restore (the thaw timer is gone).
         self.thaw_if_frozen("save").await;
         self.set_state(VmState::Saving, None);
-        match self.do_save(&qmp, &dir, before).await {
-            Ok(v) => {
-                self.lock().exit_expected = true;
+        match self.do_save(&qmp, &dir, before, &cancel, request).await {
+            Ok(r) => {
+                {
+                    let mut s = self.lock();
+                    s.exit_expected = true;
+                    s.saved_dir = Some(dir.clone());
+                }
                 if let Err(e) = qmp.quit().await {
                     tracing::warn!("quit after save: {e}");
                 }
@@ -665,21 +915,41 @@ impl Vm {
                     self.wait_qemu_exit(Duration::from_secs(10)).await;
                 }
                 self.finish(VmState::Saved, None);
-                Ok(v)
+                Ok(r)
             }
             Err(e) => {
-                let _ = qmp.migrate_cancel().await;
+                if self.turning_off() {
+                    // Turn Off owns the VM now (it ends Off).
+                    return Err(werr(
+                        ErrorCode::Cancelled,
+                        "save cancelled: the VM was turned off",
+                    ));
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(10), qmp.migrate_cancel()).await;
                 if before == VmState::Running {
                     let _ = qmp.cont().await;
                 }
-                self.set_state(before, Some(format!("save failed: {}", e.message)));
+                let why = if e.code == ErrorCode::Cancelled {
+                    "save cancelled".to_string()
+                } else {
+                    format!("save failed: {}", e.message)
+                };
+                self.set_state(before, Some(why));
                 Err(e)
             }
         }
     }
 
-    async fn do_save(&self, qmp: &Qmp, dir: &Path, before: VmState) -> Result<Value, WorkerError> {
+    async fn do_save(
+        self: &Arc<Self>,
+        qmp: &Arc<Qmp>,
+        dir: &Path,
+        before: VmState,
+        cancel: &Cancel,
+        request: u64,
+    ) -> Result<Reply, WorkerError> {
         let io = |e: std::io::Error| werr(ErrorCode::Io, e.to_string());
+        let cancelled = || werr(ErrorCode::Cancelled, "save cancelled");
         std::fs::create_dir_all(dir).map_err(io)?;
         if before == VmState::Running {
             qmp.stop().await.map_err(qerr)?;
@@ -690,70 +960,125 @@ impl Vm {
         if let Some(uid) = self.spec.qemu_uid {
             std::os::unix::fs::chown(&sock, Some(uid), self.spec.qemu_gid).map_err(io)?;
         }
+        // QEMU caps a migration at 128 MiB/s by default; a save to a local file has
+        // no network to spare. Tests slow it down on purpose (a long save) with the
+        // debug knob FV_WORKER_SAVE_MAX_BANDWIDTH (bytes per second).
+        let bandwidth = std::env::var("FV_WORKER_SAVE_MAX_BANDWIDTH")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(SAVE_MAX_BANDWIDTH);
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": bandwidth })),
+        )
+        .await
+        .map_err(qerr)?;
         let tmp = dir.join(format!("{STATE_FILE}.partial"));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
-        qmp.migrate(&format!("unix:{}", sock.display()))
-            .await
-            .map_err(qerr)?;
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-            .await
-            .map_err(|_| {
-                werr(
-                    ErrorCode::QemuError,
-                    "QEMU did not connect to the save socket",
-                )
-            })?
-            .map_err(io)?;
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let discard = |tmp: &Path| {
+            let _ = std::fs::remove_file(tmp);
+        };
+        if let Err(e) = qmp.migrate(&format!("unix:{}", sock.display())).await {
+            discard(&tmp);
+            return Err(qerr(e));
+        }
+        let accepted = tokio::select! {
+            a = tokio::time::timeout(Duration::from_secs(30), listener.accept()) => a,
+            _ = cancel.cancelled() => {
+                discard(&tmp);
+                return Err(cancelled());
+            }
+        };
         drop(listener);
         let _ = std::fs::remove_file(&sock);
-        let mut buf = vec![0u8; 64 << 10];
-        let mut total = 0u64;
-        let mut last_pct = 0u8;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                n = conn.read(&mut buf) => {
-                    let n = n.map_err(io)?;
-                    if n == 0 { break; }
-                    file.write_all(buf.get(..n).unwrap_or(&[])).await.map_err(io)?;
-                    total += n as u64;
-                }
-                _ = tick.tick() => {
-                    if let Ok(info) = qmp.query_migrate().await {
-                        if matches!(info.status.as_deref(), Some("failed") | Some("cancelled")) {
-                            return Err(werr(ErrorCode::QemuError, format!("migration failed: {}", info.error_desc.unwrap_or_default())));
-                        }
-                        let p = info.percent();
-                        if p > last_pct {
-                            last_pct = p;
-                            self.emit(Event::SaveProgress { percent: p });
-                        }
-                    }
-                }
+        let conn = match accepted {
+            Ok(Ok((c, _))) => c,
+            Ok(Err(e)) => {
+                discard(&tmp);
+                return Err(io(e));
             }
-        }
-        drop(buf);
+            Err(_) => {
+                discard(&tmp);
+                return Err(werr(
+                    ErrorCode::QemuError,
+                    "QEMU did not connect to the save socket within 30 s",
+                ));
+            }
+        };
+        // The stream is drained by a thread of its own that never waits on QMP: in
+        // its completion phase QEMU holds its main lock while it writes, so it answers
+        // QMP only once everything it writes has been read.
+        let conn = conn.into_std().map_err(io)?;
+        conn.set_nonblocking(false).map_err(io)?;
+        let stopper = conn.try_clone().map_err(io)?;
+        let mut drain = tokio::task::spawn_blocking(move || drain_stream(conn, file));
+        let progress = {
+            let (me, q) = (self.clone(), qmp.clone());
+            tokio::spawn(async move { me.save_progress(&q, request).await })
+        };
+        let drained = tokio::select! {
+            r = &mut drain => r,
+            _ = cancel.cancelled() => {
+                // Unblocks the drain thread; QEMU sees its socket close and fails
+                // the migration (Turn Off kills it anyway).
+                let _ = stopper.shutdown(std::net::Shutdown::Both);
+                let _ = (&mut drain).await;
+                progress.abort();
+                discard(&tmp);
+                return Err(cancelled());
+            }
+        };
+        progress.abort();
+        let total = match drained {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                discard(&tmp);
+                return Err(io(e));
+            }
+            Err(e) => {
+                discard(&tmp);
+                return Err(werr(
+                    ErrorCode::Internal,
+                    format!("save stream thread: {e}"),
+                ));
+            }
+        };
         // QEMU closes the stream when done; confirm it considers the save complete.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let info = qmp.query_migrate().await.map_err(qerr)?;
+            let info = tokio::select! {
+                i = qmp.query_migrate() => i,
+                _ = cancel.cancelled() => {
+                    discard(&tmp);
+                    return Err(cancelled());
+                }
+            };
+            let info = match info {
+                Ok(i) => i,
+                Err(e) => {
+                    discard(&tmp);
+                    return Err(qerr(e));
+                }
+            };
             match info.status.as_deref() {
                 Some("completed") => break,
                 Some("failed") | Some("cancelled") => {
+                    discard(&tmp);
                     return Err(werr(
                         ErrorCode::QemuError,
                         format!("migration failed: {}", info.error_desc.unwrap_or_default()),
-                    ))
+                    ));
                 }
                 _ if tokio::time::Instant::now() > deadline => {
-                    return Err(werr(ErrorCode::QemuError, "migration did not complete"))
+                    discard(&tmp);
+                    return Err(werr(
+                        ErrorCode::QemuError,
+                        "QEMU closed the save stream but did not report the migration complete within 60 s",
+                    ));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        file.flush().await.map_err(io)?;
-        file.sync_all().await.map_err(io)?;
-        drop(file);
         let meta = json!({
             "vm_id": self.spec.config.id.to_string(),
             "generation": self.spec.config.generation,
@@ -771,18 +1096,46 @@ impl Vm {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
         self.emit(Event::SaveProgress { percent: 100 });
-        Ok(json!({ "path": final_path, "bytes": total }))
+        self.emit(Event::OperationProgress {
+            request,
+            op: "save".into(),
+            percent: 100,
+        });
+        Ok(Reply::Saved {
+            path: final_path,
+            bytes: total,
+        })
+    }
+
+    /// Report migration progress until aborted. Runs beside the stream drain; a
+    /// query that blocks (QEMU busy completing) delays only this task.
+    async fn save_progress(&self, qmp: &Qmp, request: u64) {
+        let mut last = 0u8;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Ok(info) = qmp.query_migrate().await else {
+                continue;
+            };
+            // 100 only once the file is complete and synced.
+            let p = info.percent().min(99);
+            if p > last {
+                last = p;
+                self.emit(Event::SaveProgress { percent: p });
+                self.emit(Event::OperationProgress {
+                    request,
+                    op: "save".into(),
+                    percent: p,
+                });
+            }
+        }
     }
 
     pub async fn change_media(
         &self,
         index: usize,
         path: Option<&Path>,
-    ) -> Result<Value, WorkerError> {
-        let _g = self.op_guard("change media")?;
-        if !matches!(self.state(), VmState::Running | VmState::Paused) {
-            return Err(self.invalid("change media"));
-        }
+    ) -> Result<Reply, WorkerError> {
+        let _g = self.op_guard(Action::ChangeMedia)?;
         let id = self
             .cd_ids
             .lock()
@@ -818,12 +1171,13 @@ impl Vm {
             }
             None => qmp.eject(&id).await.map_err(qerr)?,
         }
-        Ok(Value::Null)
+        Ok(Reply::Done)
     }
 
-    pub async fn guest_ping(self: &Arc<Self>) -> Result<Value, WorkerError> {
-        if !matches!(self.state(), VmState::Running | VmState::Stopping) {
-            return Err(self.invalid("ping the guest"));
+    pub async fn guest_ping(self: &Arc<Self>) -> Result<Reply, WorkerError> {
+        // Also while stopping: the agent may be what carries the shut down.
+        if self.state() != VmState::Stopping {
+            self.check(Action::GuestService)?;
         }
         let t = Instant::now();
         match self.qga.ping(Duration::from_secs(5)).await {
@@ -832,7 +1186,9 @@ impl Vm {
                 if newly {
                     self.on_guest_ready();
                 }
-                Ok(json!({ "latency_ms": t.elapsed().as_millis() as u64 }))
+                Ok(Reply::GuestPing {
+                    latency_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                })
             }
             Err(e) => {
                 self.lock().agent_connected = false;
@@ -841,22 +1197,99 @@ impl Vm {
         }
     }
 
-    pub fn stats(&self) -> Value {
-        let me = proc_stats(std::process::id());
+    /// Keep a descriptor fvd handed over (SCM_RIGHTS) under `name`.
+    pub fn attach_fd(&self, name: String, fd: OwnedFd) -> Result<Reply, WorkerError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if name.is_empty() || name.len() > 64 {
+            return Err(werr(
+                ErrorCode::BadRequest,
+                "attach_fd: name must be 1-64 bytes",
+            ));
+        }
+        let f = std::fs::File::from(fd);
+        let md = f.metadata().map_err(|e| {
+            werr(
+                ErrorCode::Io,
+                format!("fstat of the passed descriptor: {e}"),
+            )
+        })?;
+        let ft = md.file_type();
+        let file_type = if ft.is_file() {
+            "file"
+        } else if ft.is_socket() {
+            "socket"
+        } else if ft.is_char_device() {
+            "char"
+        } else if ft.is_dir() {
+            "dir"
+        } else if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_block_device() {
+            "block"
+        } else {
+            "other"
+        };
+        self.fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), OwnedFd::from(f));
+        Ok(Reply::FdAttached {
+            name,
+            dev: md.dev(),
+            ino: md.ino(),
+            file_type: file_type.into(),
+        })
+    }
+
+    pub fn stats(&self) -> WorkerStats {
         let qemu = self.lock().qemu_pid.map(proc_stats);
-        let disks: Vec<Value> = self
+        let disks = self
             .disks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|d| {
                 let s = d.stats.snapshot();
-                json!({"path": d.path, "reads": s.reads, "writes": s.writes, "bytes_read": s.bytes_read,
-                       "bytes_written": s.bytes_written, "flushes": s.flushes, "errors": s.errors})
+                DiskStats {
+                    path: d.path.clone(),
+                    reads: s.reads,
+                    writes: s.writes,
+                    bytes_read: s.bytes_read,
+                    bytes_written: s.bytes_written,
+                    flushes: s.flushes,
+                    errors: s.errors,
+                }
             })
             .collect();
-        json!({ "worker": me, "qemu": qemu, "disks": disks })
+        WorkerStats {
+            worker: proc_stats(std::process::id()),
+            qemu,
+            disks,
+        }
     }
+}
+
+/// Copy the migration stream into the file until QEMU closes it; fsync. Returns the
+/// byte count.
+fn drain_stream(
+    mut conn: std::os::unix::net::UnixStream,
+    mut file: std::fs::File,
+) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        file.write_all(buf.get(..n).unwrap_or(&[]))?;
+        total = total.saturating_add(n as u64);
+    }
+    file.sync_all()?;
+    Ok(total)
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -867,7 +1300,7 @@ fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// RSS (KiB) and CPU seconds of a process from /proc.
-pub fn proc_stats(pid: u32) -> Value {
+pub fn proc_stats(pid: u32) -> ProcStats {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| -> Option<u64> {
         status
@@ -885,14 +1318,18 @@ pub fn proc_stats(pid: u32) -> Value {
         .collect();
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    json!({
-        "pid": pid,
-        "rss_kib": field("VmRSS:"),
-        "rss_anon_kib": field("RssAnon:"),
-        "rss_shmem_kib": field("RssShmem:"),
-        "cpu_s": ticks as f64 / hz,
-    })
+    let ticks = f
+        .get(11)
+        .copied()
+        .unwrap_or(0)
+        .saturating_add(f.get(12).copied().unwrap_or(0));
+    ProcStats {
+        pid,
+        rss_kib: field("VmRSS:"),
+        rss_anon_kib: field("RssAnon:"),
+        rss_shmem_kib: field("RssShmem:"),
+        cpu_s: ticks as f64 / hz,
+    }
 }
 
 fn chown_for_qemu(runtime: &Path, uid: u32, gid: Option<u32>) -> Result<()> {

@@ -1,8 +1,11 @@
 //! fvd's side of the worker protocol: one connection per worker, requests matched to
 //! responses by id, pushed events forwarded to the manager.
-use fv_worker_proto::{encode, Event, Message, Op, Request, Response, WorkerError, WorkerStatus};
+use fv_worker_proto::{
+    encode, Event, Message, Op, Reply, Request, Response, WorkerError, WorkerStatus,
+};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,29 +46,6 @@ pub struct WorkerConn {
 }
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Hello { .. } => "hello",
-        Op::Status => "status",
-        Op::Subscribe => "subscribe",
-        Op::Pause => "pause",
-        Op::Resume => "resume",
-        Op::Reset => "reset",
-        Op::TurnOff => "turn_off",
-        Op::ShutDown { .. } => "shut_down",
-        Op::Save { .. } => "save",
-        Op::ChangeMedia { .. } => "change_media",
-        Op::GuestPing => "guest_ping",
-        Op::Stats => "stats",
-        Op::SetIntegration { .. } => "set_integration",
-        Op::Freeze { .. } => "freeze",
-        Op::Thaw => "thaw",
-        Op::FreezeStatus => "freeze_status",
-        Op::SyncTime => "sync_time",
-        Op::CopyFile { .. } => "copy_file",
-    }
-}
 
 impl WorkerConn {
     /// Connect, say hello, subscribe and fetch the status. Events and the end of the
@@ -119,22 +99,69 @@ impl WorkerConn {
     }
 
     pub async fn status(&self) -> Result<WorkerStatus, CallError> {
-        let v = self.call(Op::Status, Duration::from_secs(10)).await?;
-        serde_json::from_value(v).map_err(|e| CallError::Protocol(e.to_string()))
+        match self.call(Op::Status, Duration::from_secs(10)).await? {
+            Reply::Status(s) => Ok(s),
+            other => Err(CallError::Protocol(format!(
+                "status answered with {other:?}"
+            ))),
+        }
     }
 
-    pub async fn call(&self, op: Op, timeout: Duration) -> Result<serde_json::Value, CallError> {
-        let name = op_name(&op);
+    /// The id the next request will carry (so a caller can Cancel it later).
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    pub async fn call(&self, op: Op, timeout: Duration) -> Result<Reply, CallError> {
+        self.call_inner(op, None, timeout, None).await
+    }
+
+    /// Start a long operation; `started` learns its request id (for Cancel) as soon
+    /// as the request is sent.
+    pub async fn call_long(
+        &self,
+        op: Op,
+        timeout: Duration,
+        started: oneshot::Sender<u64>,
+    ) -> Result<Reply, CallError> {
+        self.call_inner(op, None, timeout, Some(started)).await
+    }
+
+    /// Send `op` with one descriptor attached as SCM_RIGHTS (AttachFd).
+    pub async fn call_with_fd(
+        &self,
+        op: Op,
+        fd: BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        self.call_inner(op, Some(fd), timeout, None).await
+    }
+
+    async fn call_inner(
+        &self,
+        op: Op,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+        started: Option<oneshot::Sender<u64>>,
+    ) -> Result<Reply, CallError> {
+        let name = op.name();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let line = encode(&Request { id, op }).map_err(|e| CallError::Protocol(e.to_string()))?;
         {
             let mut w = self.writer.lock().await;
-            if let Err(e) = w.write_all(line.as_bytes()).await {
+            let sent = match fd {
+                None => w.write_all(line.as_bytes()).await,
+                Some(fd) => send_with_fd(&mut w, line.as_bytes(), fd).await,
+            };
+            if let Err(e) = sent {
                 self.pending.lock().remove(&id);
                 return Err(e.into());
             }
+        }
+        if let Some(s) = started {
+            let _ = s.send(id);
         }
         let resp = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
@@ -147,6 +174,40 @@ impl WorkerConn {
         if let Some(e) = resp.error {
             return Err(e.into());
         }
-        Ok(resp.ok.unwrap_or(serde_json::Value::Null))
+        resp.ok.ok_or_else(|| {
+            CallError::Protocol(format!("{name}: an answer with neither ok nor error"))
+        })
     }
+}
+
+/// Write `line` with `fd` as SCM_RIGHTS on its first byte, the rest plainly.
+async fn send_with_fd(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let stream: &UnixStream = w.as_ref();
+    let raw = [fd.as_raw_fd()];
+    let sent = loop {
+        stream.writable().await?;
+        let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(line)];
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    w.write_all(line.get(sent..).unwrap_or(&[])).await
 }

@@ -5,9 +5,21 @@
 //! answers each with a [`Response`] carrying the same `id`, and, once a connection
 //! has sent [`Op::Subscribe`], pushes [`Event`]s on it. The worker outlives fvd: fvd
 //! re-attaches after a restart simply by connecting again.
+//!
+//! Every answer is a typed [`Reply`] (tagged by `reply`). Requests run concurrently:
+//! a long operation (Save) does not hold up Status, Pause or Turn Off; what may run
+//! together is decided by `fv_model::state::allows`. A long operation started by
+//! request `id` can be cancelled with [`Op::Cancel`]`{request: id}` on the same
+//! connection. [`Op::AttachFd`] carries one file descriptor as SCM_RIGHTS ancillary
+//! data on the bytes of its line (tap devices and opened files, later).
+//!
+//! When the worker reaches a final state it writes [`RESULT_NAME`] ([`FinalResult`])
+//! in its runtime dir before it exits, so an fvd that was down at the time still
+//! learns the real outcome.
 #![forbid(unsafe_code)]
 
 use fv_model::api::{FreezeStatus, GuestInfo, HeartbeatStatus, HeartbeatView};
+pub use fv_model::state::{allows, Action, Refusal};
 use fv_model::{IntegrationServices, VmState};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -19,6 +31,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const SOCKET_NAME: &str = "worker.sock";
 /// PID file of the worker inside the VM's runtime directory.
 pub const PID_NAME: &str = "worker.pid";
+/// The worker's final outcome, kept in the runtime dir until fvd collects it.
+pub const RESULT_NAME: &str = "result.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -87,6 +101,16 @@ pub enum Op {
     FreezeStatus,
     /// Set the guest clock from the host now (time synchronisation service).
     SyncTime,
+    /// Cancel the long operation started by request `request` on this connection
+    /// (a save goes back to the state before it; the partial state is discarded).
+    Cancel {
+        request: u64,
+    },
+    /// Receive the file descriptor sent as SCM_RIGHTS with this line and keep it
+    /// under `name` (replacing an earlier one). Answers what it is.
+    AttachFd {
+        name: String,
+    },
     /// Copy the host file `src` (spooled by fvd into the runtime dir) to `dest` in the
     /// guest. Progress arrives as `CopyProgress { token }` events; the answer comes
     /// when done: `{bytes}`.
@@ -102,11 +126,39 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The op's wire name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello { .. } => "hello",
+            Op::Status => "status",
+            Op::Subscribe => "subscribe",
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::Reset => "reset",
+            Op::TurnOff => "turn_off",
+            Op::ShutDown { .. } => "shut_down",
+            Op::Save { .. } => "save",
+            Op::ChangeMedia { .. } => "change_media",
+            Op::GuestPing => "guest_ping",
+            Op::Stats => "stats",
+            Op::SetIntegration { .. } => "set_integration",
+            Op::Freeze { .. } => "freeze",
+            Op::Thaw => "thaw",
+            Op::FreezeStatus => "freeze_status",
+            Op::SyncTime => "sync_time",
+            Op::Cancel { .. } => "cancel",
+            Op::AttachFd { .. } => "attach_fd",
+            Op::CopyFile { .. } => "copy_file",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ok: Option<serde_json::Value>,
+    pub ok: Option<Reply>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<WorkerError>,
 }
@@ -125,6 +177,8 @@ pub enum ErrorCode {
     BadRequest,
     QemuError,
     GuestAgentUnavailable,
+    /// The operation was cancelled (Cancel, or Turn Off pulled the plug under it).
+    Cancelled,
     Io,
     Internal,
 }
@@ -138,11 +192,120 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
+/// A successful answer, one variant per kind of op (tagged `reply`; the fields sit
+/// beside the tag).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// The op was carried out and has nothing to report.
+    Done,
+    Hello {
+        version: u32,
+        vm_id: String,
+        worker_pid: u32,
+    },
+    Status(WorkerStatus),
+    /// A shut down was requested from the guest ("agent" or "acpi").
+    ShutDown {
+        method: String,
+    },
+    Saved {
+        path: PathBuf,
+        bytes: u64,
+    },
+    GuestPing {
+        latency_ms: u64,
+    },
+    Stats(WorkerStats),
+    Integration {
+        integration_services: IntegrationServices,
+    },
+    Frozen {
+        filesystems: u64,
+        thaw_deadline: u64,
+    },
+    Thawed {
+        filesystems: u64,
+    },
+    FreezeStatus(FreezeStatus),
+    TimeSynced {
+        guest_before_ns: i64,
+        host_ns: i64,
+        correction_ms: i64,
+    },
+    Copied {
+        bytes: u64,
+        dest: String,
+    },
+    /// The cancel reached its operation (which then answers `cancelled`).
+    CancelRequested {
+        request: u64,
+    },
+    /// What the descriptor passed with `AttachFd` refers to (fstat).
+    FdAttached {
+        name: String,
+        dev: u64,
+        ino: u64,
+        /// "file", "socket", "char", "dir", "fifo", "block" or "other".
+        file_type: String,
+    },
+}
+
+/// Memory and CPU of one process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ProcStats {
+    pub pid: u32,
+    pub rss_kib: Option<u64>,
+    pub rss_anon_kib: Option<u64>,
+    pub rss_shmem_kib: Option<u64>,
+    pub cpu_s: f64,
+}
+
+/// I/O counters of one served disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct DiskStats {
+    pub path: PathBuf,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub errors: u64,
+}
+
+/// Answer to `Stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct WorkerStats {
+    pub worker: ProcStats,
+    pub qemu: Option<ProcStats>,
+    pub disks: Vec<DiskStats>,
+}
+
+/// What a worker leaves in [`RESULT_NAME`] when it reaches a final state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FinalResult {
+    pub vm_id: String,
+    /// Off, Saved or Critical.
+    pub state: VmState,
+    pub reason: Option<String>,
+    /// Set when `state` is Saved: the saved-state directory, complete and fsynced.
+    #[serde(default)]
+    pub saved_dir: Option<PathBuf>,
+    /// Unix seconds.
+    pub at: u64,
+}
+
 /// Answer to `Status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerStatus {
     pub vm_id: String,
     pub state: VmState,
+    /// Why the VM is in this state (a Critical VM's cause), when there is a reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Long operations running now (op names, e.g. "save").
+    #[serde(default)]
+    pub operations: Vec<String>,
     pub worker_pid: u32,
     pub qemu_pid: Option<u32>,
     /// Seconds since QEMU started.
@@ -177,6 +340,13 @@ pub enum Event {
         reason: Option<String>,
     },
     SaveProgress {
+        percent: u8,
+    },
+    /// A long operation's progress; `request` is the id of the request that started
+    /// it on the connection that sent it (0 when unknown).
+    OperationProgress {
+        request: u64,
+        op: String,
         percent: u8,
     },
     ShutdownTimedOut,
@@ -312,5 +482,43 @@ mod tests {
         assert!(matches!(m, Message::Request(Request { id: 7, .. })));
         let e: Message = serde_json::from_str(r#"{"event":{"kind":"guest_ready"}}"#).unwrap();
         assert!(matches!(e, Message::Event(_)));
+    }
+
+    #[test]
+    fn typed_replies_keep_their_fields_beside_the_tag() {
+        let r = Response {
+            id: 3,
+            ok: Some(Reply::ShutDown {
+                method: "acpi".into(),
+            }),
+            error: None,
+        };
+        let s = encode(&r).unwrap();
+        assert_eq!(
+            s,
+            "{\"id\":3,\"ok\":{\"reply\":\"shut_down\",\"method\":\"acpi\"}}\n"
+        );
+        let m: Message = serde_json::from_str(s.trim()).unwrap();
+        let Message::Response(back) = m else {
+            panic!("not a response: {s}")
+        };
+        assert_eq!(back.ok, r.ok);
+        let st = Reply::FreezeStatus(FreezeStatus {
+            frozen: true,
+            filesystems: 2,
+            thaw_deadline: Some(9),
+        });
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["reply"], "freeze_status");
+        assert_eq!(v["filesystems"], 2);
+        assert_eq!(serde_json::from_value::<Reply>(v).unwrap(), st);
+        let d: Message = serde_json::from_str(r#"{"id":1,"ok":{"reply":"done"}}"#).unwrap();
+        assert!(matches!(
+            d,
+            Message::Response(Response {
+                ok: Some(Reply::Done),
+                ..
+            })
+        ));
     }
 }

@@ -316,6 +316,59 @@ impl Client {
         }
     }
 
+    /// Send an op without waiting; returns its request id (see `reply`).
+    pub fn send(&mut self, op: Value) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        let mut line = serde_json::to_string(&json!({"id": id, "op": op})).unwrap();
+        line.push('\n');
+        self.w.write_all(line.as_bytes()).unwrap();
+        id
+    }
+
+    /// Send an op with one file descriptor attached (SCM_RIGHTS).
+    pub fn send_with_fd(&mut self, op: Value, fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let id = self.next;
+        self.next += 1;
+        let mut line = serde_json::to_string(&json!({"id": id, "op": op})).unwrap();
+        line.push('\n');
+        let raw = [fd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(line.as_bytes())];
+        let n = sendmsg::<()>(
+            self.w.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        self.w.write_all(&line.as_bytes()[n..]).unwrap();
+        id
+    }
+
+    /// Wait for the reply to request `id` (events seen meanwhile are kept).
+    pub fn reply(&mut self, id: u64, within: Duration) -> Result<Value, Value> {
+        let until = Instant::now() + within;
+        loop {
+            let Some(v) = self.read_msg(until) else {
+                panic!("no reply to request {id} within {within:?}")
+            };
+            if let Some(ev) = v.get("event") {
+                self.events
+                    .push_back(serde_json::from_value(ev.clone()).unwrap());
+                continue;
+            }
+            if v["id"].as_u64() == Some(id) {
+                if let Some(e) = v.get("error") {
+                    return Err(e.clone());
+                }
+                return Ok(v.get("ok").cloned().unwrap_or(Value::Null));
+            }
+        }
+    }
+
     pub fn ok(&mut self, op: Value) -> Value {
         self.call(op.clone(), Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("{op} failed: {e}"))

@@ -118,7 +118,11 @@ impl Manager {
             .call(Op::FreezeStatus, Duration::from_secs(10))
             .await
             .map_err(|e| from_worker(self.state_of(id), e))?;
-        let st: FreezeStatus = serde_json::from_value(v).map_err(super::internal)?;
+        let fv_worker_proto::Reply::FreezeStatus(st) = v else {
+            return Err(super::internal(format!(
+                "the worker answered freeze_status with {v:?}"
+            )));
+        };
         if let Some(vm) = self.vms.lock().get_mut(&id) {
             if let Some((s, _)) = vm.status.as_mut() {
                 s.freeze = st;
@@ -291,7 +295,10 @@ impl Manager {
                         Some(j.id),
                         format!(
                             "{} bytes copied to {dest} in the guest",
-                            v.get("bytes").and_then(|b| b.as_u64()).unwrap_or(0)
+                            match v {
+                                fv_worker_proto::Reply::Copied { bytes, .. } => bytes,
+                                _ => 0,
+                            }
                         ),
                         None,
                     );

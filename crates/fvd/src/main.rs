@@ -27,9 +27,15 @@ struct Args {
     print_openapi: bool,
 }
 
-fn dir(arg: Option<PathBuf>, env: &str, default: &str) -> PathBuf {
-    arg.or_else(|| std::env::var_os(env).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(default))
+/// The directory from the flag, else the environment, else the default; made
+/// absolute (QEMU and the workers run elsewhere: a relative socket path would not
+/// resolve for them).
+fn dir(arg: Option<PathBuf>, env: &str, default: &str) -> anyhow::Result<PathBuf> {
+    let d = arg
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(default));
+    std::path::absolute(&d)
+        .map_err(|e| anyhow::anyhow!("cannot make {} absolute: {e}", d.display()))
 }
 
 fn main() -> anyhow::Result<()> {

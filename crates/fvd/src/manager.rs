@@ -13,6 +13,7 @@ use fv_model::{
     AutomaticStartAction, AutomaticStopAction, ControllerKind, DvdDrive, Generation, HardDrive,
     NetworkAdapter, NicConnection, NicKind, Slot, VmConfig, VmState,
 };
+use fv_model::state::{allows, Action};
 use fv_worker_proto::{Event, LaunchSpec, Op, WorkerStatus};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -203,6 +204,13 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> MgrError {
     } else {
         MgrError::Internal(format!("cannot {what} {}: {e}", path.display()))
     }
+}
+
+/// The final result a worker left in its runtime dir, if it is this VM's.
+fn read_result(rt: &Path, id: Uuid) -> Option<fv_worker_proto::FinalResult> {
+    let b = std::fs::read(rt.join(fv_worker_proto::RESULT_NAME)).ok()?;
+    let r: fv_worker_proto::FinalResult = serde_json::from_slice(&b).ok()?;
+    (r.vm_id == id.to_string()).then_some(r)
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -518,6 +526,24 @@ impl Manager {
             );
         }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The state table's verdict on `action` for this VM (fv_model::state).
+    fn refuse(vm: &Vm, action: Action) -> Result<()> {
+        allows(vm.row.state, action).map_err(|r| {
+            let state = vm.row.state;
+            let extra = match &vm.row.state_reason {
+                Some(x) if state == VmState::Critical => format!(" ({x})"),
+                _ => String::new(),
+            };
+            MgrError::InvalidState {
+                message: format!(
+                    "cannot {} VM {:?}: it is {state}: {}{extra}",
+                    r.action, vm.config.name, r.why
+                ),
+                state,
+            }
+        })
     }
 
     fn invalid_state(vm: &Vm, action: &str) -> MgrError {
@@ -1066,12 +1092,8 @@ impl Manager {
         let vm = vms
             .get(&id)
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
-        let removable = vm.worker.is_none()
-            && matches!(
-                vm.row.state,
-                VmState::Off | VmState::Saved | VmState::Critical
-            );
-        if !removable {
+        Self::refuse(vm, Action::Delete)?;
+        if vm.worker.is_some() {
             return Err(Self::invalid_state(vm, "remove"));
         }
         self.db.delete_vm(id).map_err(internal)?;
@@ -1254,12 +1276,8 @@ impl Manager {
             let vm = vms
                 .get(&id)
                 .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
-            if vm.worker.is_some()
-                || !matches!(
-                    vm.row.state,
-                    VmState::Off | VmState::Saved | VmState::Critical
-                )
-            {
+            Self::refuse(vm, Action::Start)?;
+            if vm.worker.is_some() {
                 return Err(Self::invalid_state(vm, "start"));
             }
             if self.shutting_down.load(Ordering::SeqCst) {
@@ -1287,7 +1305,12 @@ impl Manager {
             match m.launch(id, restore.clone(), &j).await {
                 Ok(()) => j.complete(),
                 Err(e) => {
+                    let kept = m.keep_failure_logs(id);
                     m.kill_leftovers(id);
+                    let e = match kept {
+                        Some(d) => format!("{e} (worker.log and qemu.log kept in {})", d.display()),
+                        None => e.to_string(),
+                    };
                     let (state, reason) = if restore.is_some() {
                         (VmState::Saved, format!("restore failed: {e}"))
                     } else {
@@ -1353,6 +1376,13 @@ impl Manager {
         } else {
             None
         };
+        if let Some(uid) = qemu_uid {
+            Self::check_traversable(&rt, uid)?;
+            if config.generation == Generation::Gen2 || !config.dvd_drives.is_empty() {
+                // QEMU opens the UEFI variables and DVD media in the VM folder itself.
+                Self::check_traversable(&vm_dir, uid)?;
+            }
+        }
         let spec = LaunchSpec {
             config: config.clone(),
             vm_dir: vm_dir.clone(),
@@ -1482,7 +1512,11 @@ impl Manager {
             vm.status = Some((status.clone(), Instant::now()));
             vm.accel = Some(accel);
             if status.state != VmState::Starting {
-                self.set_state_locked(vm, status.state, None);
+                // Events sent before we connected are lost: the status carries why.
+                if status.state == VmState::Critical {
+                    vm.last_exit = status.reason.clone();
+                }
+                self.set_state_locked(vm, status.state, status.reason.clone());
             }
         }
         job.progress(50);
@@ -1523,15 +1557,101 @@ impl Manager {
                     .lock()
                     .get(&id)
                     .and_then(|v| v.last_exit.clone().or(v.row.state_reason.clone()));
+                let why = why.filter(|w| !w.trim().is_empty()).unwrap_or_else(|| {
+                    let t = log_tail(&rt.join("worker.log"), 5);
+                    if t.is_empty() {
+                        "the worker gave no reason".into()
+                    } else {
+                        format!("worker.log: {t}")
+                    }
+                });
                 Err(MgrError::Internal(format!(
-                    "VM ended {s} while starting: {}",
-                    why.unwrap_or_else(|| log_tail(&log_path, 5))
+                    "VM ended {s} while starting: {why}"
                 )))
             }
             None => Err(MgrError::Internal(
                 "VM did not reach Running within 600 s".into(),
             )),
         }
+    }
+
+    /// Take a worker's final result (result.json) as the VM's state. False when it
+    /// does not apply (another VM's, or a saved state that is gone).
+    fn adopt_result(&self, vm: &mut Vm, r: &fv_worker_proto::FinalResult) -> bool {
+        if r.vm_id != vm.config.id.to_string() {
+            return false;
+        }
+        match r.state {
+            VmState::Saved => {
+                let Some(d) = r.saved_dir.as_ref().filter(|d| d.is_dir()) else {
+                    return false;
+                };
+                vm.row.saved_dir = Some(d.clone());
+                self.set_state_locked(
+                    vm,
+                    VmState::Saved,
+                    Some("save completed by the worker while fvd was not watching".into()),
+                );
+                true
+            }
+            VmState::Off => {
+                self.set_state_locked(vm, VmState::Off, r.reason.clone());
+                true
+            }
+            VmState::Critical => {
+                vm.last_exit = r.reason.clone();
+                self.set_state_locked(vm, VmState::Critical, r.reason.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// QEMU runs under the VM's own uid (not root): every folder above `dir` must let
+    /// it pass (search permission for others), or QEMU fails at start-up with a
+    /// bare "Permission denied" on its sockets.
+    fn check_traversable(dir: &Path, uid: u32) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        for a in dir.ancestors().skip(1) {
+            let Ok(md) = std::fs::metadata(a) else {
+                continue;
+            };
+            let ok = md.mode() & 0o001 != 0 || md.uid() == uid;
+            if !ok {
+                return Err(MgrError::Conflict(format!(
+                    "QEMU runs as uid {uid} and cannot enter {} (mode {:04o}), which holds {}: \
+                     make it traversable (chmod o+x {}) or choose --state-dir/--runtime-dir \
+                     outside it",
+                    a.display(),
+                    md.mode() & 0o7777,
+                    dir.display(),
+                    a.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep the logs of a failed start (the runtime dir is removed next) in the VM
+    /// folder's `last-failure/`; returns that folder when something was kept.
+    fn keep_failure_logs(&self, id: Uuid) -> Option<PathBuf> {
+        let vm_dir = self.vms.lock().get(&id).map(|v| v.vm_dir())?;
+        let dest = vm_dir.join("last-failure");
+        let rt = self.vm_runtime(id);
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::create_dir_all(&dest).ok()?;
+        let mut kept = false;
+        for (src, name) in [
+            (rt.join("worker.log"), "worker.log"),
+            (rt.join("qemu.log"), "qemu.log"),
+            (rt.join("launch.json"), "launch.json"),
+            (self.log_path(id), "fvd-worker-output.log"),
+        ] {
+            if std::fs::copy(&src, dest.join(name)).is_ok() {
+                kept = true;
+            }
+        }
+        kept.then_some(dest)
     }
 
     /// Wait until `pred(state, has_worker)` holds; returns it, or None on timeout.
@@ -1586,36 +1706,32 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&rt);
     }
 
-    fn worker_of(
-        &self,
-        id: Uuid,
-        action: &str,
-        ok: &[VmState],
-    ) -> Result<(Arc<WorkerConn>, String)> {
+    fn worker_of(&self, id: Uuid, action: Action) -> Result<(Arc<WorkerConn>, String)> {
         let vms = self.vms.lock();
         let vm = vms
             .get(&id)
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+        Self::refuse(vm, action)?;
         match &vm.worker {
-            Some(w) if ok.contains(&vm.row.state) => Ok((w.clone(), vm.config.name.clone())),
-            _ => Err(Self::invalid_state(vm, action)),
+            Some(w) => Ok((w.clone(), vm.config.name.clone())),
+            None => Err(Self::invalid_state(vm, action.verb())),
         }
     }
 
     /// Pause, resume or reset: quick worker calls, still reported as jobs.
     pub fn simple_action(self: &Arc<Self>, id: Uuid, action: &str) -> Result<JobHandle> {
-        let (op, ok, opname, transient): (Op, &[VmState], &str, Option<VmState>) = match action {
-            "pause" => (Op::Pause, &[VmState::Running], "vm.pause", None),
-            "resume" => (Op::Resume, &[VmState::Paused], "vm.resume", None),
+        let (op, act, opname, transient) = match action {
+            "pause" => (Op::Pause, Action::Pause, "vm.pause", None),
+            "resume" => (Op::Resume, Action::Resume, "vm.resume", None),
             "reset" => (
                 Op::Reset,
-                &[VmState::Running, VmState::Paused],
+                Action::Reset,
                 "vm.reset",
                 Some(VmState::Resetting),
             ),
             _ => return Err(MgrError::BadRequest(format!("unknown action {action}"))),
         };
-        let (w, name) = self.worker_of(id, action, ok)?;
+        let (w, name) = self.worker_of(id, act)?;
         if let Some(t) = transient {
             self.set_state(id, t, None);
         }
@@ -1648,18 +1764,8 @@ impl Manager {
         match req.mode {
             StopMode::Save => self.save(id, None),
             StopMode::TurnOff => {
-                let (w, name) = self.worker_of(
-                    id,
-                    "turn off",
-                    &[
-                        VmState::Running,
-                        VmState::Paused,
-                        VmState::Starting,
-                        VmState::Stopping,
-                        VmState::Resetting,
-                        VmState::Critical,
-                    ],
-                )?;
+                // Wherever a QEMU exists (a save or shut down in progress too).
+                let (w, name) = self.worker_of(id, Action::TurnOff)?;
                 self.expect(id, Expect::Off, Some(VmState::Stopping));
                 let job =
                     self.jobs
@@ -1677,12 +1783,12 @@ impl Manager {
             }
             StopMode::ShutDown => {
                 // With --force a shut down already in progress may be cut short.
-                let ok: &[VmState] = if req.force {
-                    &[VmState::Running, VmState::Stopping]
+                let act = if req.force {
+                    Action::ForceShutDown
                 } else {
-                    &[VmState::Running]
+                    Action::ShutDown
                 };
-                let (w, name) = self.worker_of(id, "shut down", ok)?;
+                let (w, name) = self.worker_of(id, act)?;
                 let timeout = self.settings().shutdown_timeout_s;
                 self.expect(id, Expect::Off, Some(VmState::Stopping));
                 if let Some(vm) = self.vms.lock().get_mut(&id) {
@@ -1826,16 +1932,18 @@ impl Manager {
             let vm = vms
                 .get_mut(&id)
                 .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            Self::refuse(vm, Action::Save)?;
             let w = match &vm.worker {
-                Some(w) if matches!(vm.row.state, VmState::Running | VmState::Paused) => w.clone(),
-                _ => return Err(Self::invalid_state(vm, "save")),
+                Some(w) => w.clone(),
+                None => return Err(Self::invalid_state(vm, "save")),
             };
             vm.expect = Some(Expect::Saved);
             let dir = vm.vm_dir().join("saved-state");
             self.set_state_locked(vm, VmState::Saving, None);
             (w, vm.config.name.clone(), dir)
         };
-        let job = self.jobs.create("vm.save", Some((id, name)), false, detail);
+        // Cancellable: the worker cancels the migration and the VM runs on.
+        let job = self.jobs.create("vm.save", Some((id, name)), true, detail);
         if let Some(vm) = self.vms.lock().get_mut(&id) {
             vm.progress_job = Some(job.clone());
         }
@@ -1843,13 +1951,31 @@ impl Manager {
         tokio::spawn(async move {
             j.start();
             let _ = std::fs::remove_dir_all(&dir);
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let cancel = j.cancel.clone();
+            let w2 = w.clone();
+            // A cancel of the job becomes a Cancel of the worker's save operation.
+            let canceller = tokio::spawn(async move {
+                let (Some(c), Ok(req)) = (cancel, started_rx.await) else {
+                    return;
+                };
+                c.cancelled().await;
+                let _ = w2
+                    .call(Op::Cancel { request: req }, Duration::from_secs(10))
+                    .await;
+            });
             let r = match std::fs::create_dir_all(&dir) {
                 Ok(()) => w
-                    .call(Op::Save { dir: dir.clone() }, Duration::from_secs(3600))
+                    .call_long(
+                        Op::Save { dir: dir.clone() },
+                        Duration::from_secs(3600),
+                        started_tx,
+                    )
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
             };
+            canceller.abort();
             if let Some(vm) = m.vms.lock().get_mut(&id) {
                 vm.progress_job = None;
             }
@@ -1870,6 +1996,21 @@ impl Manager {
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
+                    // Turn Off took over (it cancels the save): it decides the state.
+                    let turned_off = m
+                        .vms
+                        .lock()
+                        .get(&id)
+                        .is_some_and(|v| v.expect == Some(Expect::Off));
+                    if turned_off {
+                        j.cancelled(format!("save cancelled: the VM was turned off ({e})"));
+                        return;
+                    }
+                    if j.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                        m.resync(id, &w).await;
+                        j.cancelled("save cancelled; the VM runs on".into());
+                        return;
+                    }
                     let gone = m.vms.lock().get(&id).is_some_and(|v| v.worker.is_none());
                     {
                         let mut vms = m.vms.lock();
@@ -1909,7 +2050,8 @@ impl Manager {
         let vm = vms
             .get_mut(&id)
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
-        if vm.row.state != VmState::Saved || vm.worker.is_some() {
+        Self::refuse(vm, Action::DiscardSavedState)?;
+        if vm.worker.is_some() {
             return Err(Self::invalid_state(vm, "discard the saved state of"));
         }
         if let Some(d) = vm.row.saved_dir.take() {
@@ -1944,6 +2086,8 @@ impl Manager {
                         self.set_state_locked(vm, state, reason);
                     }
                 }
+                // The same progress, per request (SaveProgress carries it for the job).
+                WorkerMsg::Event(Event::OperationProgress { .. }) => {}
                 WorkerMsg::Event(Event::SaveProgress { percent }) => {
                     if let Some(j) = &vm.progress_job {
                         j.progress(percent);
@@ -2004,21 +2148,37 @@ impl Manager {
                     vm.status = None;
                     vm.guest_ready = false;
                     let expect = vm.expect.take();
-                    match expect {
-                        Some(Expect::Saved) => {
+                    // The worker's own final word, when no call of ours awaits it
+                    // (e.g. a save or shut down that began before fvd restarted).
+                    let result = if expect == Some(Expect::Saved) {
+                        None
+                    } else {
+                        read_result(&self.vm_runtime(id), id)
+                    };
+                    match (expect, result) {
+                        (Some(Expect::Saved), _) => {
                             // The save task decides (Saved, or Critical when the call failed).
                         }
-                        Some(Expect::Off) => self.set_state_locked(vm, VmState::Off, None),
-                        None if vm.row.state == VmState::Off => {
+                        (_, Some(r)) if self.adopt_result(vm, &r) => {}
+                        (Some(Expect::Off), _) => self.set_state_locked(vm, VmState::Off, None),
+                        (None, _) if vm.row.state == VmState::Off => {
                             self.set_state_locked(vm, VmState::Off, None)
                         }
-                        None => {
-                            let cause = vm.last_exit.clone().unwrap_or_else(|| {
-                                format!(
-                                    "worker exited unexpectedly: {}",
-                                    log_tail(&self.log_path(id), 3)
-                                )
-                            });
+                        (None, _) => {
+                            let cause = vm
+                                .last_exit
+                                .clone()
+                                .filter(|c| !c.trim().is_empty())
+                                .unwrap_or_else(|| {
+                                    let out = log_tail(&self.log_path(id), 3);
+                                    let wl = log_tail(&self.vm_runtime(id).join("worker.log"), 3);
+                                    format!(
+                                        "worker exited unexpectedly (killed or crashed) without a final state; \
+                                         worker.log: {}; worker output: {}",
+                                        if wl.is_empty() { "empty" } else { &wl },
+                                        if out.is_empty() { "none" } else { &out },
+                                    )
+                                });
                             self.set_state_locked(vm, VmState::Critical, Some(cause));
                             let s = self.settings();
                             let recent = vm
@@ -2143,8 +2303,19 @@ impl Manager {
             if attached {
                 continue;
             }
+            // A worker that finished while fvd was down left its outcome behind.
+            let result = read_result(&rt, id);
             if rt.exists() {
                 self.kill_leftovers(id);
+            }
+            if let Some(r) = result {
+                let mut vms = self.vms.lock();
+                if let Some(vm) = vms.get_mut(&id) {
+                    if self.adopt_result(vm, &r) {
+                        let _ = self.db.put_vm(&vm.row);
+                        continue;
+                    }
+                }
             }
             let saved_ok = row.saved_dir.as_ref().is_some_and(|d| d.is_dir());
             let mut vms = self.vms.lock();

@@ -257,3 +257,50 @@ fn attach_fd_passes_a_real_descriptor() {
     let r = c.reply(id, Duration::from_secs(30)).unwrap();
     assert_eq!(r["file_type"], "socket");
 }
+
+/// Hyper-V's Reset of a paused VM leaves it running; a shut down right after a
+/// reset (the guest is still in its firmware and misses the ACPI press) is asked
+/// again until the guest goes; Turn Off during a shut down works at once.
+#[test]
+fn reset_of_paused_runs_and_shutdown_after_reset_completes() {
+    let vm = gen1_vm("reset");
+    let (mut w, mut c, console) = boot(&vm, &[]);
+    let marker = fv_guest_template::READY_MARKER;
+    c.ok(json!({"op": "pause"}));
+    c.ok(json!({"op": "reset"}));
+    assert_eq!(c.status()["state"], "Running", "reset of a paused VM");
+    // The guest really boots again.
+    let end = Instant::now() + BOOT_TIMEOUT;
+    while console.text().matches(marker).count() < 2 {
+        assert!(Instant::now() < end, "no second boot after reset");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ok(json!({"op": "reset"}));
+    let t = Instant::now();
+    let r = c.ok(json!({"op": "shut_down", "timeout_s": 600}));
+    assert_eq!(r["reply"], "shut_down");
+    c.wait_event(Duration::from_secs(600), |e| {
+        matches!(e, Event::QemuExited { clean: true, .. })
+    });
+    c.wait_state(VmState::Off, Duration::from_secs(60));
+    let asked_again = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Warning { message } if message.contains("asked again")))
+        .count();
+    println!(
+        "shut down right after reset: Off after {:.1} s, request repeated {asked_again} times",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(w.wait_exit(Duration::from_secs(60)));
+    drop((c, console));
+
+    // Turn Off while the guest is still on its way down.
+    let (mut w, mut c, _console) = boot(&vm, &[]);
+    c.ok(json!({"op": "reset"}));
+    c.ok(json!({"op": "shut_down", "timeout_s": 600}));
+    assert_eq!(c.status()["state"], "Stopping");
+    c.ok(json!({"op": "turn_off"}));
+    c.wait_state(VmState::Off, Duration::from_secs(60));
+    assert!(w.wait_exit(Duration::from_secs(60)));
+}

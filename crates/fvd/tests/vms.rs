@@ -436,3 +436,208 @@ fn shut_down_times_out_or_is_cancelled_and_the_vm_keeps_running() {
     );
     assert_eq!(f.vm(&id)["state"], "Off");
 }
+
+/// Fill `mib` MiB of guest RAM (tmpfs) with random data so a save has work to do.
+fn dirty_guest_memory(con: &mut Console, mib: u32) {
+    let out = con.run(
+        "fill",
+        &format!(
+            "dd if=/dev/urandom of=/dev/shm/fill bs=1M count={mib} 2>/dev/null; du -m /dev/shm/fill | cut -f1"
+        ),
+        Duration::from_secs(600),
+    );
+    assert_eq!(out.trim(), mib.to_string());
+}
+
+/// fvd is SIGKILLed while a (deliberately slow) save runs; the worker finishes the
+/// save while fvd is down and leaves its result. The restarted fvd reports the VM
+/// Saved and the job completed, and the next start restores that saved state.
+#[test]
+fn fvd_killed_during_save_takes_the_workers_real_outcome() {
+    let mut f = Fvd::start_env(&[("FV_WORKER_SAVE_MAX_BANDWIDTH", "4000000")]);
+    let (mut body, _) = guest_vm_body("killsave", f.state.path());
+    body["hard_drives"] = json!([]);
+    let id = id_of(&f.new_vm(body));
+    f.action_ok(&id, "start", None);
+    let v = f.wait_vm(&id, BOOT_TIMEOUT, |v| v["guest_ready"] == true);
+    let mut con = console(&v);
+    let token = format!("ks{}", std::process::id());
+    con.run(
+        "w",
+        &format!("echo {token} > /tmp/fvd-token; cat /tmp/fvd-token"),
+        Duration::from_secs(120),
+    );
+    dirty_guest_memory(&mut con, 60);
+    drop(con);
+
+    let (s, job) = f.req("POST", &format!("/vms/{id}/actions/save"), None);
+    assert_eq!(s, 202, "{job}");
+    assert_eq!(job["cancellable"], true);
+    let jid = job["id"].as_str().unwrap().to_string();
+    // Kill fvd once the migration is under way.
+    let end = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let j = f.ok("GET", &format!("/jobs/{jid}"), None);
+        if j["percent_complete"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "save made no progress: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(f.vm(&id)["state"], "Saving");
+    f.kill9();
+    // The worker carries on alone and leaves its outcome in its runtime dir.
+    let result = f.run.path().join("vms").join(&id).join("result.json");
+    let end = std::time::Instant::now() + Duration::from_secs(600);
+    while !result.exists() {
+        assert!(std::time::Instant::now() < end, "worker never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r: Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(r["state"], "Saved", "{r}");
+
+    f.spawn();
+    let v = f.vm(&id);
+    assert_eq!(v["state"], "Saved", "{v}\n{}", f.log());
+    assert_eq!(v["has_saved_state"], true);
+    let j = f.wait_job(&json!({"id": jid}));
+    assert_eq!(j["state"], "completed", "{j}");
+
+    f.action_ok(&id, "start", None);
+    let v = f.vm(&id);
+    let mut con = console(&v);
+    let got = con.run("r", "cat /tmp/fvd-token", Duration::from_secs(300));
+    assert_eq!(got.trim(), token, "the saved state was not used");
+    drop(con);
+    f.action_ok(&id, "stop", Some(json!({"mode": "turn_off"})));
+}
+
+/// Turn Off of a Saving VM through the API: the save job ends cancelled, the VM is
+/// Off with no saved state and starts again.
+#[test]
+fn turn_off_of_a_saving_vm_leaves_a_startable_vm() {
+    let f = Fvd::start_env(&[("FV_WORKER_SAVE_MAX_BANDWIDTH", "4000000")]);
+    let (mut body, _) = guest_vm_body("offsave", f.state.path());
+    body["hard_drives"] = json!([]);
+    let id = id_of(&f.new_vm(body));
+    f.action_ok(&id, "start", None);
+    let v = f.wait_vm(&id, BOOT_TIMEOUT, |v| v["guest_ready"] == true);
+    let mut con = console(&v);
+    dirty_guest_memory(&mut con, 60);
+    drop(con);
+    let (s, job) = f.req("POST", &format!("/vms/{id}/actions/save"), None);
+    assert_eq!(s, 202, "{job}");
+    let jid = job["id"].as_str().unwrap().to_string();
+    let end = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let j = f.ok("GET", &format!("/jobs/{jid}"), None);
+        if j["percent_complete"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "save made no progress: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.action_ok(&id, "stop", Some(json!({"mode": "turn_off"})));
+    let v = f.vm(&id);
+    assert_eq!(v["state"], "Off", "{v}");
+    assert_eq!(v["has_saved_state"], false);
+    let j = f.wait_job(&json!({"id": jid}));
+    assert_eq!(j["state"], "cancelled", "{j}");
+    f.action_ok(&id, "start", None);
+    assert_eq!(f.vm(&id)["state"], "Running");
+    f.action_ok(&id, "stop", Some(json!({"mode": "turn_off"})));
+}
+
+/// fvd started with relative --state-dir/--runtime-dir makes them absolute: a VM
+/// starts (QEMU gets absolute socket paths).
+#[test]
+fn relative_dirs_are_made_absolute() {
+    let base = tempfile::Builder::new()
+        .prefix("fvrel")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let log = std::fs::File::create(base.path().join("fvd.stderr")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fvd"))
+        .args(["--state-dir", "st", "--runtime-dir", "rn"])
+        .current_dir(base.path())
+        .env("FV_WORKER_BIN", worker_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let sock = base.path().join("rn/fvd.sock");
+    let mut c = Client::new(&sock);
+    c.timeout = Duration::from_secs(300);
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while c.request("GET", "/host", None).map(|r| r.status) != Ok(200) {
+        assert!(std::time::Instant::now() < end, "fvd did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = c
+        .request(
+            "POST",
+            "/vms",
+            Some(json!({"name": "rel", "generation": "1", "memory_mib": 64})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let run_job = |c: &Client, path: &str, body: Option<Value>| -> Value {
+        let r = c.request("POST", path, body).unwrap();
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let jid = r.json()["id"].as_str().unwrap().to_string();
+        loop {
+            let j = c
+                .request("GET", &format!("/jobs/{jid}?wait=30"), None)
+                .unwrap()
+                .json();
+            if matches!(j["state"].as_str(), Some("completed" | "failed")) {
+                return j;
+            }
+        }
+    };
+    let j = run_job(&c, &format!("/vms/{id}/actions/start"), None);
+    let launch: Value = serde_json::from_slice(
+        &std::fs::read(base.path().join(format!("rn/vms/{id}/launch.json"))).unwrap_or_default(),
+    )
+    .unwrap_or(Value::Null);
+    let off = run_job(
+        &c,
+        &format!("/vms/{id}/actions/stop"),
+        Some(json!({"mode": "turn_off"})),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(off["state"], "completed", "{off}");
+    let rt = launch["runtime_dir"].as_str().unwrap_or_default();
+    assert!(
+        rt.starts_with('/') && rt.ends_with(&format!("rn/vms/{id}")),
+        "{launch}"
+    );
+}
+
+/// A start that fails in QEMU says why (QEMU's own words) and keeps the logs.
+#[test]
+fn failed_start_quotes_qemu_and_keeps_the_logs() {
+    let f = Fvd::start_env(&[("FV_WORKER_QEMU_EXTRA", "-fv-no-such-option")]);
+    let id = bare_vm(&f, "badstart", json!({}));
+    let j = f.action(&id, "start", None);
+    assert_eq!(j["state"], "failed", "{j}");
+    let msg = j["error_description"].as_str().unwrap_or_default();
+    assert!(msg.contains("-fv-no-such-option"), "{msg}");
+    assert!(!msg.contains("while starting: ("), "{msg}");
+    let kept = f.state.path().join("vms").join(&id).join("last-failure");
+    assert!(msg.contains(&kept.display().to_string()), "{msg}");
+    let qlog = std::fs::read_to_string(kept.join("qemu.log")).unwrap();
+    assert!(qlog.contains("-fv-no-such-option"), "{qlog}");
+    assert!(kept.join("worker.log").exists());
+    assert_eq!(f.vm(&id)["state"], "Off");
+}

@@ -28,10 +28,18 @@ pub struct Fvd {
     pub run: tempfile::TempDir,
     child: Option<Child>,
     pub sock: PathBuf,
+    /// Extra environment, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Fvd {
     pub fn start() -> Fvd {
+        Fvd::start_env(&[])
+    }
+
+    /// Start fvd with extra environment for it and its workers (debug knobs); kept
+    /// for restarts.
+    pub fn start_env(env: &[(&str, &str)]) -> Fvd {
         // Unix socket paths are limited to 108 bytes: keep the runtime dir short.
         let state = tempfile::Builder::new()
             .prefix("fvd-st")
@@ -47,6 +55,10 @@ impl Fvd {
             run,
             child: None,
             sock,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         f.spawn();
         f
@@ -54,6 +66,7 @@ impl Fvd {
 
     pub fn spawn(&mut self) {
         assert!(self.child.is_none());
+        let extra = self.env.clone();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -65,6 +78,7 @@ impl Fvd {
             .arg("--runtime-dir")
             .arg(self.run.path())
             .env("FV_WORKER_BIN", worker_bin())
+            .envs(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -94,11 +94,16 @@ struct Regions {
 }
 
 impl Regions {
-    fn hit(&self, r: &Range<u64>) -> Option<&str> {
-        self.list
+    /// Every region `r` overlaps, in file order, e.g. "parent locator 0 data and the BAT".
+    fn hit(&self, r: &Range<u64>) -> Option<String> {
+        let mut hits: Vec<&(Range<u64>, String)> = self
+            .list
             .iter()
-            .find(|(x, _)| x.start < r.end && r.start < x.end)
-            .map(|(_, n)| n.as_str())
+            .filter(|(x, _)| x.start < r.end && r.start < x.end)
+            .collect();
+        hits.sort_by_key(|(x, _)| x.start);
+        let names: Vec<&str> = hits.iter().map(|(_, n)| n.as_str()).collect();
+        (!names.is_empty()).then(|| names.join(" and "))
     }
 }
 

@@ -135,6 +135,11 @@ struct ConvertArgs {
     fixed: bool,
     #[arg(long)]
     dynamic: bool,
+    /// Allocation block size of the new image, e.g. 1M (as qemu-img's `-o
+    /// block_size`): VHDX 1M-256M, dynamic VHD 512K-256M, powers of two
+    /// (default: the format's, VHDX 32M, VHD 2M).
+    #[arg(long, value_name = "SIZE")]
+    block_size: Option<String>,
     #[command(flatten)]
     chain: ChainArgs,
 }
@@ -500,13 +505,29 @@ fn convert(a: ConvertArgs, out: OutputFormat) -> anyhow::Result<()> {
     } else {
         DiskKind::Dynamic
     };
+    let block_size = match &a.block_size {
+        Some(s) => {
+            let b = u32::try_from(size_arg(s)?).map_err(|_| {
+                anyhow!(Usage(format!(
+                    "--block-size {s}: larger than the 256 MiB any format allows"
+                )))
+            })?;
+            fv_vdisk::convert::check_block_size(to, kind, b).map_err(|e| match e {
+                DiskError::InvalidArgument(m) => anyhow!(Usage(format!("--block-size {s}: {m}"))),
+                e => disk_err(e),
+            })?;
+            b
+        }
+        None => 0,
+    };
     let opts = OpenOptions {
         read_only: true,
         replay_log: false,
         policy: a.chain.policy(),
     };
+    let conv = fv_vdisk::convert::ConvertOptions { block_size };
     with_progress(out, "converting", |p| {
-        ops::convert_with(&a.src, &a.dst, to, kind, &opts, p)
+        fv_vdisk::convert::convert_with_options(&a.src, &a.dst, to, kind, &opts, &conv, p)
     })?;
     let msg = format!(
         "converted {} -> {} ({} {})",

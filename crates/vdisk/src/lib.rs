@@ -2,7 +2,7 @@
 //! compact, resize, merge, set-parent, check). Knows nothing about VMs.
 #![forbid(unsafe_code)]
 
-mod convert;
+pub mod convert;
 pub mod ops;
 
 pub use fv_vdisk_core::*;

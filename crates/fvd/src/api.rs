@@ -547,6 +547,7 @@ pub(crate) fn err(op: &'static str) -> impl Fn(MgrError) -> ApiError {
     move |e| {
         let status = match &e {
             MgrError::NotFound(_) => StatusCode::NOT_FOUND,
+            MgrError::Forbidden(_) => StatusCode::FORBIDDEN,
             MgrError::InvalidState { .. }
             | MgrError::Conflict(_)
             | MgrError::Admission(_)

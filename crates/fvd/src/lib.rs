@@ -2,6 +2,7 @@
 //! admission control, jobs, events and the REST API on a Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod auth_store;

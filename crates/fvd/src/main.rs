@@ -39,6 +39,10 @@ fn dir(arg: Option<PathBuf>, env: &str, default: &str) -> anyhow::Result<PathBuf
 }
 
 fn main() -> anyhow::Result<()> {
+    // The access-check child (see fvd::access): before anything else, no logging.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(fvd::access::PROBE_ARG)) {
+        std::process::exit(fvd::access::probe_child_main());
+    }
     let a = Args::parse();
     if a.print_openapi {
         println!(

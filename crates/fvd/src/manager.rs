@@ -2,6 +2,7 @@
 //!
 //! Locking: `vms` (a plain mutex) is never held across an await. State transitions that
 //! must be atomic with their checks (start's admission, save, stop) happen under it.
+use crate::access;
 use crate::db::{Db, VmRow};
 use crate::events::Events;
 use crate::host::{self, Cgroups};
@@ -33,6 +34,9 @@ mod integration;
 pub enum MgrError {
     #[error("{0}")]
     NotFound(String),
+    /// The caller lacks a right on a host path it named (crate::access).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{message}")]
     InvalidState { message: String, state: VmState },
     #[error("{0}")]
@@ -62,6 +66,7 @@ impl MgrError {
     pub fn code(&self) -> &'static str {
         match self {
             MgrError::NotFound(_) => "not_found",
+            MgrError::Forbidden(_) => "forbidden",
             MgrError::InvalidState { .. } => "invalid_state",
             MgrError::BadRequest(_) => "bad_request",
             MgrError::Conflict(_) => "conflict",
@@ -715,6 +720,8 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| self.settings().vm_folder.join(c.id.to_string()));
         let config_path = dir.join(format!("{}.json", c.id));
+        let who = access::current();
+        self.check_access(&who, &dir, None, &c, req.vm_dir.as_deref())?;
         let mut vms = self.vms.lock();
         self.check_config(&mut c, &vms, None)?;
         Self::check_files(&c, &dir)?;
@@ -738,6 +745,9 @@ impl Manager {
             util::remove_dirs(&made);
             return Err(self.db_err(e));
         }
+        let mut created = made.clone();
+        created.push(row.config_path.clone());
+        self.record_access(c.id, &who, None, &c, Some(created));
         let vm = Vm::new(c, row);
         let view = self.view_of(&vm);
         self.events.emit(
@@ -757,6 +767,144 @@ impl Manager {
         } else {
             dir.join(p)
         }
+    }
+
+    // ---------- host paths follow the caller (crate::access) ----------
+
+    /// The storage roots: where callers other than root may name paths.
+    fn storage_roots(&self) -> Vec<PathBuf> {
+        let s = self.settings();
+        let mut v = vec![s.vm_folder, s.disk_folder];
+        v.extend(s.media_folders);
+        v
+    }
+
+    fn access_err(e: access::AccessError) -> MgrError {
+        match e {
+            access::AccessError::Denied { .. } => MgrError::Forbidden(e.to_string()),
+            access::AccessError::Missing { .. } => MgrError::BadRequest(e.to_string()),
+            access::AccessError::Internal(_) => MgrError::Internal(e.to_string()),
+        }
+    }
+
+    /// Check, for `who`, the paths `new` names that `old` did not (or named with
+    /// fewer rights), and a VM folder the caller chose.
+    fn check_access(
+        &self,
+        who: &access::Requester,
+        dir: &Path,
+        old: Option<&VmConfig>,
+        new: &VmConfig,
+        vm_dir: Option<&Path>,
+    ) -> Result<()> {
+        if *who == access::Requester::Unrestricted {
+            return Ok(());
+        }
+        let before = old.map(access::named_paths).unwrap_or_default();
+        let wants: Vec<access::Want> = access::named_paths(new)
+            .into_iter()
+            .filter(|(p, u, w)| {
+                !before
+                    .iter()
+                    .any(|(bp, bu, bw)| bp == p && bu == u && (*bw || !*w))
+            })
+            .map(|(p, u, w)| access::want(dir, &p, u, w))
+            .collect();
+        let dirs: Vec<PathBuf> = vm_dir.map(Path::to_path_buf).into_iter().collect();
+        access::check(who, &wants, &dirs, &self.storage_roots()).map_err(Self::access_err)
+    }
+
+    /// Record who attached each path `new` names (paths kept from `old` keep their
+    /// owner) and, for a new VM, what fvd created for it.
+    fn record_access(
+        &self,
+        id: Uuid,
+        who: &access::Requester,
+        old: Option<&VmConfig>,
+        new: &VmConfig,
+        created: Option<Vec<PathBuf>>,
+    ) {
+        let mut rec = access::Record::load(&self.paths.state_dir, id);
+        let before = old.map(access::named_paths).unwrap_or_default();
+        let mut attached = Vec::new();
+        for (p, u, w) in access::named_paths(new) {
+            let kept = before
+                .iter()
+                .any(|(bp, bu, bw)| *bp == p && *bu == u && (*bw || !w));
+            let owner = match (kept, rec.owner_of(&p, u, w)) {
+                (true, Some(o)) => Some(o.clone()),
+                // Configured before owners were recorded: stays unrecorded.
+                (true, None) => None,
+                (false, _) => Some(who.owner()),
+            };
+            if let Some(owner) = owner {
+                attached.push(access::Attached {
+                    path: p,
+                    usage: u,
+                    write: w,
+                    owner,
+                });
+            }
+        }
+        rec.attached = attached;
+        if let Some(c) = created {
+            rec.created = c;
+        }
+        if let Err(e) = rec.save(&self.paths.state_dir, id) {
+            tracing::error!("VM {id}: cannot record who attached its files: {e}");
+        }
+    }
+
+    /// At start: every path is checked again with the rights of whoever attached it
+    /// (the file may have changed since). Paths with no recorded owner (configured
+    /// outside the API, e.g. an edited config file) are checked as the caller
+    /// starting the VM, or, when fvd starts it itself, against the storage roots.
+    /// A VM with no record at all was configured before fvd recorded owners: its
+    /// paths are kept as they are (recorded as root's), as they were allowed then.
+    fn recheck_access(&self, id: Uuid) -> Result<()> {
+        let (c, dir) = {
+            let vms = self.vms.lock();
+            let vm = vms
+                .get(&id)
+                .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            (vm.config.clone(), vm.vm_dir())
+        };
+        let sd = &self.paths.state_dir;
+        if !sd.join("access").join(format!("{id}.json")).exists() {
+            self.record_access(id, &access::Requester::Unrestricted, None, &c, None);
+            return Ok(());
+        }
+        let rec = access::Record::load(sd, id);
+        let caller = access::current();
+        let fallback = if caller == access::Requester::Unrestricted && !access::in_request() {
+            // fvd's own start (auto-start, recovery): the host-wide rule only.
+            access::Requester::Host
+        } else {
+            caller
+        };
+        let mut by: Vec<(access::Requester, Vec<access::Want>)> = Vec::new();
+        for (p, u, w) in access::named_paths(&c) {
+            let who = rec
+                .owner_of(&p, u, w)
+                .map(access::Requester::from_owner)
+                .unwrap_or_else(|| fallback.clone());
+            let want = access::want(&dir, &p, u, w);
+            match by.iter_mut().find(|(r, _)| *r == who) {
+                Some((_, v)) => v.push(want),
+                None => by.push((who, vec![want])),
+            }
+        }
+        let roots = self.storage_roots();
+        for (who, wants) in by {
+            access::check(&who, &wants, &[], &roots).map_err(|e| {
+                let mut m = Self::access_err(e);
+                if let MgrError::Forbidden(s) | MgrError::BadRequest(s) = &mut m {
+                    s.push_str(" (checked again at start, with the rights of whoever attached it)");
+                }
+                m
+            })?;
+        }
+        Ok(())
     }
 
     /// Disk and ISO files must exist when configured (Hyper-V refuses missing files too).
@@ -787,6 +935,21 @@ impl Manager {
         id: Uuid,
         patch: serde_json::Map<String, serde_json::Value>,
     ) -> Result<VmView> {
+        // Paths the patch adds are checked for the caller before anything changes
+        // (outside the VM lock: the check runs a child process).
+        let who = access::current();
+        {
+            let (old, dir) = {
+                let vms = self.vms.lock();
+                let vm = vms
+                    .get(&id)
+                    .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+                (vm.config.clone(), vm.vm_dir())
+            };
+            if let Ok(c) = Self::merge(&old, &patch) {
+                self.check_access(&who, &dir, Some(&old), &c, None)?;
+            }
+        }
         let mut vms = self.vms.lock();
         let vm = vms
             .get(&id)
@@ -819,6 +982,7 @@ impl Manager {
         Self::check_files(&c, &vm.vm_dir())?;
         // Written first: a write that fails (full disk) changes nothing, MACs included.
         write_config(&vm.row.config_path, &c)?;
+        self.record_access(id, &who, Some(&old), &c, None);
         // Adapters removed: their dynamic MACs go back to the pool.
         for n in &old.network_adapters {
             if !c
@@ -946,7 +1110,10 @@ impl Manager {
                 vm.vm_dir(),
             )
         };
+        let who = access::current();
         if let Some(p) = &req.path {
+            let w = access::want(&dir, p, access::Use::Dvd, false);
+            access::check(&who, &[w], &[], &self.storage_roots()).map_err(Self::access_err)?;
             if !Self::resolve_path(&dir, p).is_file() {
                 return Err(MgrError::BadRequest(format!(
                     "{} does not exist",
@@ -1001,7 +1168,8 @@ impl Manager {
         nc.validate()
             .map_err(|e| MgrError::BadRequest(e.to_string()))?;
         write_config(&vm.row.config_path, &nc)?;
-        vm.config = nc;
+        let old = std::mem::replace(&mut vm.config, nc);
+        self.record_access(id, &who, Some(&old), &vm.config, None);
         self.events.emit(
             "vm.reconfigured",
             Some(id),
@@ -1101,20 +1269,9 @@ impl Manager {
             .remove(&id)
             .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
         if delete_files {
-            let dir = vm.vm_dir();
-            if let Some(s) = &vm.row.saved_dir {
-                let _ = std::fs::remove_dir_all(s);
-            }
-            for d in &vm.config.hard_drives {
-                let p = Self::resolve_path(&dir, &d.path);
-                if p.starts_with(&dir) {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-            let _ = std::fs::remove_file(&vm.row.config_path);
-            // Only removes the folder when nothing else is left in it.
-            let _ = std::fs::remove_dir(&dir);
+            self.delete_created_files(id, &vm);
         }
+        access::Record::remove(&self.paths.state_dir, id);
         self.events.emit(
             "vm.removed",
             Some(id),
@@ -1127,6 +1284,52 @@ impl Manager {
             None,
         );
         Ok(())
+    }
+
+    /// `--delete-files`: delete what fvd itself created for this VM (its config, its
+    /// saved state, the folder if fvd made it and it is then empty) and nothing
+    /// else: not the disks (as Hyper-V's Remove-VM), not files others put there.
+    /// Nothing is followed through a symlink: a folder that is no longer the real
+    /// folder fvd made is left alone.
+    fn delete_created_files(&self, id: Uuid, vm: &Vm) {
+        let rec = access::Record::load(&self.paths.state_dir, id);
+        let dir = vm.vm_dir();
+        let is_dir = std::fs::symlink_metadata(&dir)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if !is_dir {
+            tracing::warn!(
+                "VM {id}: {} is no longer a folder (a symlink, or gone): its files are left in place",
+                dir.display()
+            );
+            return;
+        }
+        if let Some(s) = &vm.row.saved_dir {
+            // Only the saved state fvd writes (`<vm_dir>/saved-state`).
+            let ours = dir.join("saved-state");
+            let is_dir = std::fs::symlink_metadata(&ours).map(|m| m.is_dir()).unwrap_or(false);
+            if *s == ours && is_dir {
+                let _ = std::fs::remove_dir_all(&ours);
+            }
+        }
+        // The config always is fvd's (it writes it, whatever the folder).
+        let mut files = vec![vm.row.config_path.clone()];
+        files.extend(rec.created.iter().filter(|p| **p != dir).cloned());
+        for f in files {
+            if !f.starts_with(&dir) {
+                continue;
+            }
+            let regular = std::fs::symlink_metadata(&f).map(|m| m.is_file()).unwrap_or(false);
+            if regular {
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        // Folders fvd made, deepest first; each goes only if it is empty now.
+        let mut dirs: Vec<&PathBuf> = rec.created.iter().filter(|p| p.starts_with(&dir) || **p == dir || dir.starts_with(p)).collect();
+        dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 
     // ---------- admission and MACs ----------
@@ -1271,6 +1474,7 @@ impl Manager {
 
     /// Start (cold, or restore from saved state). Returns the job.
     pub fn start(self: &Arc<Self>, id: Uuid, detail: Option<String>) -> Result<JobHandle> {
+        self.recheck_access(id)?;
         let (name, restore) = {
             let mut vms = self.vms.lock();
             let vm = vms

@@ -6,7 +6,6 @@
 //! socket. (axum-server would add a second server stack for no gain.) A self-signed
 //! certificate is made on first start and reused; callers pin its SHA-256 fingerprint.
 use crate::auth::Peer;
-use axum::extract::ConnectInfo;
 use axum::Router;
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -123,8 +122,14 @@ pub fn publish_fingerprint(fp: &str) {
     let _ = FINGERPRINT.set(fp.to_string());
 }
 
-/// Accept TLS connections forever and serve `app` on each.
-pub async fn serve(listener: TcpListener, cfg: rustls::ServerConfig, app: Router) {
+/// Accept TLS connections forever and serve `app` on each, within the connection
+/// limits (counted per remote address, before the handshake).
+pub async fn serve(
+    listener: TcpListener,
+    cfg: rustls::ServerConfig,
+    app: Router,
+    limits: Arc<crate::server::ConnLimits>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     loop {
         let (tcp, addr) = match listener.accept().await {
@@ -133,6 +138,15 @@ pub async fn serve(listener: TcpListener, cfg: rustls::ServerConfig, app: Router
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!("TLS listener accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let guard = match limits.admit(crate::server::ConnKey::Addr(addr.ip())) {
+            Ok(g) => g,
+            Err(why) => {
+                // Plain text before TLS: the client sees a failed handshake; the
+                // log says why.
+                crate::server::refuse(&limits, &tcp, &why);
                 continue;
             }
         };
@@ -149,23 +163,8 @@ pub async fn serve(listener: TcpListener, cfg: rustls::ServerConfig, app: Router
                     }
                     Err(_) => return,
                 };
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(Peer::Tls { addr }));
-                    let app = app.clone();
-                    async move {
-                        use tower::ServiceExt;
-                        app.oneshot(req.map(axum::body::Body::new)).await
-                    }
-                },
-            );
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!("TLS connection from {addr}: {e}");
-            }
+            crate::server::serve_connection(tls, Peer::Tls { addr }, app).await;
+            drop(guard);
         });
     }
 }

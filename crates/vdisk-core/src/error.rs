@@ -69,6 +69,17 @@ pub enum DiskError {
     },
     #[error("{path}: {reason}")]
     Refused { path: PathBuf, reason: String },
+    /// Another open (ours or QEMU's) holds the image's lock bytes in a way that
+    /// excludes this open.
+    #[error("{path}: in use by {holder}; cannot open it {wanted}")]
+    Locked {
+        path: PathBuf,
+        /// The holders, as one phrase ("pid 42 (qemu-nbd) holding it read-write").
+        holder: String,
+        holders: Vec<crate::LockHolder>,
+        /// "read-write" or "read-only".
+        wanted: &'static str,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("cancelled")]

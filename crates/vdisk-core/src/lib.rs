@@ -9,12 +9,14 @@
 
 mod error;
 mod image;
+mod lock;
 mod policy;
 mod raw;
 mod size;
 
 pub use error::{DiskError, Result};
 pub use image::{AllocationStats, CheckReport, CreateSpec, Image, ParentSpec, Progress};
+pub use lock::{find_holders, ImageLock, LockHolder, LockMode};
 pub use policy::PathPolicy;
 pub use raw::RawLayer;
 pub use size::{format_size, parse_size};

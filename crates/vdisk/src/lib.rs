@@ -130,8 +130,73 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Open one image file (no parent resolution).
+/// One image file opened by [`open_layer`], holding its image lock (QEMU's lock
+/// bytes: shared for a read-only open, exclusive for a writable one) for as long
+/// as it lives. Derefs to the [`LayerFile`].
+pub struct LockedLayer {
+    file: LayerFile,
+    lock: Option<ImageLock>,
+}
+
+impl LockedLayer {
+    /// Split into the file and its lock (`None` when the caller already held one).
+    pub fn into_parts(self) -> (LayerFile, Option<ImageLock>) {
+        (self.file, self.lock)
+    }
+}
+
+impl std::ops::Deref for LockedLayer {
+    type Target = LayerFile;
+    fn deref(&self) -> &LayerFile {
+        &self.file
+    }
+}
+
+/// The lock an open with `opts` takes.
+pub fn lock_mode(opts: &OpenOptions) -> LockMode {
+    if opts.read_only {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    }
+}
+
+/// Open one image file (no parent resolution), after taking its image lock, so a
+/// writable open never touches (e.g. replays the log of) a file another process
+/// uses. A refusal is [`DiskError::Locked`], naming the holder.
 pub fn open_layer(
+    path: &Path,
+    format: Option<DiskFormat>,
+    opts: &OpenOptions,
+) -> Result<LockedLayer> {
+    let lock = ImageLock::acquire(path, lock_mode(opts))?;
+    let file = open_layer_unlocked(path, format, opts)?;
+    Ok(LockedLayer {
+        file,
+        lock: Some(lock),
+    })
+}
+
+/// Open one image file writable for `check --repair` and `set-parent`, after
+/// taking its exclusive lock: damage found at open does not refuse the open, but
+/// the format refuses guest writes until the damage is repaired.
+pub fn open_layer_for_repair(path: &Path) -> Result<LockedLayer> {
+    let lock = ImageLock::acquire(path, LockMode::Exclusive)?;
+    let file = match detect_format(path)? {
+        DiskFormat::Raw => LayerFile::Raw(RawLayer::open(path, false)?),
+        DiskFormat::Vhd => LayerFile::Vhd(fv_vhd::VhdFile::open_for_repair(path)?),
+        DiskFormat::Vhdx => LayerFile::Vhdx(fv_vhdx::VhdxFile::open_for_repair(path)?),
+    };
+    Ok(LockedLayer {
+        file,
+        lock: Some(lock),
+    })
+}
+
+/// Open one image file without taking its lock: for callers that already hold
+/// one on it (a lock held elsewhere in this process would refuse our own open),
+/// and for read-only peeks at metadata (parent locators) that serve no data.
+pub(crate) fn open_layer_unlocked(
     path: &Path,
     format: Option<DiskFormat>,
     opts: &OpenOptions,
@@ -235,13 +300,20 @@ pub fn verify_link(child: &LayerFile, parent: &LayerFile) -> std::result::Result
         .parent_locator()
         .and_then(|l| l.expected.clone());
     match expected {
+        // A differencing child that records nothing (VHDX parent_linkage missing
+        // or malformed) cannot prove any parent is its own: never "verified".
+        None | Some(LayerIdentity::None) => {
+            return Err(
+                "the child records no parent identity (parent_linkage missing or malformed)".into(),
+            )
+        }
         Some(exp) if exp != pi.identity => {
             return Err(format!(
             "parent identity {:?} does not match the recorded {:?} (parent modified or replaced)",
             pi.identity, exp
         ))
         }
-        _ => {}
+        Some(_) => {}
     }
     if pi.virtual_size != ci.virtual_size {
         return Err(format!(
@@ -255,6 +327,9 @@ pub fn verify_link(child: &LayerFile, parent: &LayerFile) -> std::result::Result
 /// A disk: a top image and its verified ancestors, top first.
 pub struct Disk {
     layers: Vec<LayerFile>,
+    /// The image locks of the layers (exclusive on a writable top, shared on the
+    /// rest), released when the disk is dropped.
+    _locks: Vec<ImageLock>,
     paths: Vec<PathBuf>,
     size: u64,
     read_only: bool,
@@ -336,7 +411,8 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let top = open_layer(path, format, opts)?;
+    let (top, top_lock) = open_layer(path, format, opts)?.into_parts();
+    let mut locks: Vec<ImageLock> = top_lock.into_iter().collect();
     let mut seen = HashSet::new();
     let canon = path
         .canonicalize()
@@ -364,7 +440,8 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
         if !seen.insert(ppath.clone()) {
             return Err(DiskError::CyclicChain { path: ppath });
         }
-        let parent = open_layer(&ppath, None, &parent_opts)?;
+        let (parent, parent_lock) = open_layer(&ppath, None, &parent_opts)?.into_parts();
+        locks.extend(parent_lock);
         let child = layers.last().ok_or(DiskError::Cancelled)?;
         verify_link(child, &parent).map_err(|reason| DiskError::BrokenChain {
             child: child_path.clone(),
@@ -378,6 +455,7 @@ pub fn open_format(path: &Path, format: Option<DiskFormat>, opts: &OpenOptions) 
     let owners = OwnerMap::new(&layers, size);
     Ok(Disk {
         layers,
+        _locks: locks,
         paths,
         size,
         read_only: opts.read_only,

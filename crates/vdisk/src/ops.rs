@@ -1,12 +1,13 @@
 //! Disk operations as library functions (the CLI and the daemon call these).
 
 use crate::{
-    detect_format, open_layer, parent_candidates, resolve_parent, verify_link, LayerFile,
-    OpenOptions,
+    detect_format, open_layer, open_layer_unlocked, parent_candidates, resolve_parent, verify_link,
+    LayerFile, OpenOptions, MAX_CHAIN_DEPTH,
 };
 use fv_vdisk_core::{
     AllocationStats, CheckReport, CreateSpec, DiskError, DiskFormat, DiskKind, ExtentState,
-    LayerIdentity, ParentLocator, ParentSpec, PathPolicy, Progress, RawLayer, Result,
+    ImageLock, LayerIdentity, LockMode, ParentLocator, ParentSpec, PathPolicy, Progress, RawLayer,
+    Result,
 };
 use serde::Serialize;
 use std::path::{Component, Path, PathBuf};
@@ -96,12 +97,40 @@ pub fn create(path: &Path, format: DiskFormat, spec: &CreateSpec) -> Result<()> 
 /// Create a differencing disk on `parent` (same format as the parent), recording
 /// both the relative and the absolute path of the parent.
 pub fn create_differencing(child: &Path, parent_path: &Path, block_size: u32) -> Result<()> {
+    create_differencing_with(
+        child,
+        parent_path,
+        block_size,
+        &PathPolicy::image_dir_only(),
+    )
+}
+
+/// [`create_differencing`] with the directories the parent's own ancestors may be
+/// in. Refused when the new chain would be deeper than [`MAX_CHAIN_DEPTH`] (it
+/// would never open) or the parent's chain does not resolve.
+pub fn create_differencing_with(
+    child: &Path,
+    parent_path: &Path,
+    block_size: u32,
+    policy: &PathPolicy,
+) -> Result<()> {
     let parent = open_layer(parent_path, None, &ro())?;
     let info = parent.layer().info().clone();
     if info.format == DiskFormat::Raw {
         return Err(DiskError::InvalidArgument(
             "a raw image cannot be the parent of a differencing disk".into(),
         ));
+    }
+    let chain = chain_paths(parent_path, policy, &dir_of(child))?;
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: format!(
+                "{} already heads a chain of {} images; a child would make it deeper than the {MAX_CHAIN_DEPTH} an open accepts",
+                parent_path.display(),
+                chain.len()
+            ),
+        });
     }
     let ps = parent_spec(child, parent_path, &parent)?;
     let spec = CreateSpec {
@@ -113,6 +142,60 @@ pub fn create_differencing(child: &Path, parent_path: &Path, block_size: u32) ->
         parent: Some(ps),
     };
     create(child, info.format, &spec)
+}
+
+/// Canonical paths of `path` and its ancestors, top first, found by following the
+/// parent locators (metadata peeks: no locks, no data served). Structure only:
+/// identities are not compared. Refuses a cycle, a chain deeper than
+/// [`MAX_CHAIN_DEPTH`] and an ancestor that does not resolve under `policy`
+/// (`top_dir` is the directory of the chain's top image).
+pub fn chain_paths(path: &Path, policy: &PathPolicy, top_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut cur = path
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", path, e))?;
+    let mut out = vec![cur.clone()];
+    loop {
+        let l = open_layer_unlocked(&cur, None, &ro())?;
+        let Some(loc) = l.layer().parent_locator().cloned() else {
+            return Ok(out);
+        };
+        if out.len() >= MAX_CHAIN_DEPTH {
+            return Err(DiskError::Refused {
+                path: path.to_path_buf(),
+                reason: format!("differencing chain deeper than {MAX_CHAIN_DEPTH}"),
+            });
+        }
+        let p = resolve_parent(&cur, &loc, policy, top_dir)?;
+        if out.contains(&p) {
+            return Err(DiskError::CyclicChain { path: p });
+        }
+        out.push(p.clone());
+        cur = p;
+    }
+}
+
+/// How many generations of differencing children `path` has in its own
+/// directory (0: none), up to `limit`; children elsewhere are not seen.
+fn descendant_depth(path: &Path, limit: usize) -> Result<usize> {
+    let mut level: Vec<PathBuf> = vec![path.to_path_buf()];
+    let mut seen = std::collections::HashSet::new();
+    let mut depth = 0;
+    while depth < limit {
+        let mut next = Vec::new();
+        for p in &level {
+            for c in find_children(&dir_of(p), p)? {
+                if seen.insert(c.canonicalize().unwrap_or_else(|_| c.clone())) {
+                    next.push(c);
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        depth += 1;
+        level = next;
+    }
+    Ok(depth)
 }
 
 /// One layer as `inspect` reports it.
@@ -212,6 +295,13 @@ pub fn inspect_with(path: &Path, policy: &PathPolicy) -> Result<InspectReport> {
         };
         let mut next = None;
         match resolve_parent(&cur_path, &loc, policy, &top_dir) {
+            // As open: the layer at index MAX_CHAIN_DEPTH - 1 may not have a parent.
+            _ if reports.len() + 1 >= crate::MAX_CHAIN_DEPTH => {
+                link.problem = Some(format!(
+                    "differencing chain deeper than {}",
+                    crate::MAX_CHAIN_DEPTH
+                ))
+            }
             Err(e) => link.problem = Some(e.to_string()),
             Ok(p) if !seen.insert(p.clone()) => {
                 link.resolved = Some(p.clone());
@@ -223,10 +313,14 @@ pub fn inspect_with(path: &Path, policy: &PathPolicy) -> Result<InspectReport> {
                     Err(e) => link.problem = Some(e.to_string()),
                     Ok(parent) => {
                         match verify_link(&cur, &parent) {
-                            Ok(()) => link.verified = true,
+                            Ok(()) => {
+                                link.verified = true;
+                                next = Some((p, parent));
+                            }
+                            // An ancestor behind an unverified link is not listed:
+                            // it is not part of this disk.
                             Err(r) => link.problem = Some(r),
                         }
-                        next = Some((p, parent));
                     }
                 }
             }
@@ -234,11 +328,11 @@ pub fn inspect_with(path: &Path, policy: &PathPolicy) -> Result<InspectReport> {
         rep.parent = Some(link);
         reports.push(rep);
         match next {
-            Some((p, l)) if reports.len() < crate::MAX_CHAIN_DEPTH => {
+            Some((p, l)) => {
                 cur_path = p;
                 cur = l;
             }
-            _ => break,
+            None => break,
         }
     }
     let mut it = reports.into_iter();
@@ -272,18 +366,11 @@ pub fn check_with(path: &Path, repair: bool, opts: &OpenOptions) -> Result<Check
             }
         }
     }
-    let l = open_layer(
-        path,
-        None,
-        &if repair {
-            OpenOptions {
-                read_only: false,
-                ..opts.clone()
-            }
-        } else {
-            ro
-        },
-    )?;
+    let l = if repair {
+        crate::open_layer_for_repair(path)?
+    } else {
+        open_layer(path, None, &ro)?
+    };
     let mut r = match l.image() {
         Some(i) => i.check(repair)?,
         None => CheckReport::default(),
@@ -344,7 +431,9 @@ pub fn find_children(dir: &Path, parent: &Path) -> Result<Vec<PathBuf>> {
         if fmt == DiskFormat::Raw {
             continue;
         }
-        let Ok(l) = open_layer(&p, Some(fmt), &ro()) else {
+        // A peek at the locator: no lock, so a child a running VM has open is
+        // still found (and protected) rather than skipped.
+        let Ok(l) = open_layer_unlocked(&p, Some(fmt), &ro()) else {
             continue;
         };
         let Some(loc) = l.layer().parent_locator() else {
@@ -377,7 +466,9 @@ pub fn resize(path: &Path, new_size: u64) -> Result<()> {
             ),
         });
     }
-    let l = open_layer(path, None, &rw())?;
+    // Held across the raw path too, which reopens the file itself.
+    let _lock = ImageLock::acquire(path, LockMode::Exclusive)?;
+    let l = open_layer_unlocked(path, None, &rw())?;
     if l.layer().info().kind == DiskKind::Differencing {
         return Err(DiskError::Refused {
             path: path.to_path_buf(),
@@ -444,7 +535,12 @@ pub fn merge_into_parent_with(
         read_only: true,
         ..opts.clone()
     };
-    let c = open_layer(child, None, &ro)?;
+    // The whole chain must open (no cycle, no broken or unverified link, not too
+    // deep): writing a child into a parent it does not come from destroys data.
+    drop(crate::open(child, &ro)?);
+    // Exclusive on the child: it is deleted at the end, so nobody may be using it.
+    let _child_lock = ImageLock::acquire(child, LockMode::Exclusive)?;
+    let c = open_layer_unlocked(child, None, &ro)?;
     let Some(loc) = c.layer().parent_locator().cloned() else {
         return Err(DiskError::Refused {
             path: child.to_path_buf(),
@@ -536,14 +632,44 @@ pub fn set_parent_with(
     force: bool,
     opts: &OpenOptions,
 ) -> Result<()> {
-    let c = open_layer(
-        child,
-        None,
-        &OpenOptions {
-            read_only: false,
-            ..opts.clone()
-        },
-    )?;
+    // Structure first, before anything is opened writable; `force` never skips it.
+    let me = child
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", child, e))?;
+    let np = new_parent
+        .canonicalize()
+        .map_err(|e| DiskError::io("resolve", new_parent, e))?;
+    if me == np {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: "a disk cannot be its own parent".into(),
+        });
+    }
+    // The new parent's ancestors as they resolve from the child's directory.
+    let above = chain_paths(&np, &opts.policy, &dir_of(child))?;
+    if above.contains(&me) {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: format!(
+                "{} descends from {}: the chain would be a cycle",
+                new_parent.display(),
+                child.display()
+            ),
+        });
+    }
+    let below = descendant_depth(child, MAX_CHAIN_DEPTH)?;
+    let depth = below + 1 + above.len();
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(DiskError::Refused {
+            path: child.to_path_buf(),
+            reason: format!(
+                "the chain would be {depth} images deep ({below} descendant(s), the disk, {} in the new parent's chain); an open accepts at most {MAX_CHAIN_DEPTH}",
+                above.len()
+            ),
+        });
+    }
+    // For repair: a damaged parent link is what set-parent is there to fix.
+    let c = crate::open_layer_for_repair(child)?;
     if c.layer().parent_locator().is_none() {
         return Err(DiskError::Refused {
             path: child.to_path_buf(),
@@ -559,13 +685,18 @@ pub fn set_parent_with(
         },
     )?;
     if let Err(reason) = verify_link(&c, &p) {
+        // Identity may be overridden; format and size are structure.
         let fatal = c.layer().info().format != p.layer().info().format
             || c.layer().info().virtual_size != p.layer().info().virtual_size;
         if fatal || !force {
             return Err(DiskError::BrokenChain {
                 child: child.to_path_buf(),
                 parent: new_parent.display().to_string(),
-                reason,
+                reason: if fatal {
+                    format!("{reason} (--force cannot override this)")
+                } else {
+                    format!("{reason} (--force records the new parent's identity)")
+                },
             });
         }
     }

@@ -205,11 +205,22 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
     };
     assert_eq!(fv_vdisk::open(&moved, &opts).unwrap().layers().len(), 2);
 
-    // Cycle: a child whose parent locator points at itself (a chain a -> b -> a).
+    // Cycle: child1 pointed at child2 (its own child). set-parent refuses it, even
+    // forced; written behind its back (the format call), open refuses the chain.
     let cyc = tempfile::tempdir().unwrap();
     let (p4, _) = build_chain(cyc.path(), 2, 7);
-    // Make child1 point at child2 with force (identity and size taken from child2).
-    ops::set_parent(&p4[1], &p4[2], true).unwrap();
+    for force in [false, true] {
+        match ops::set_parent(&p4[1], &p4[2], force) {
+            Err(DiskError::Refused { reason, .. }) => assert!(reason.contains("cycle"), "{reason}"),
+            other => panic!("expected a refused cycle (force {force}), got {other:?}"),
+        }
+    }
+    {
+        let l = fv_vdisk::open_layer(&p4[1], None, &rw()).unwrap();
+        let p = fv_vdisk::open_layer(&p4[2], None, &ro()).unwrap();
+        let spec = ops::parent_spec(&p4[1], &p4[2], &p).unwrap();
+        l.image().unwrap().set_parent(&spec).unwrap();
+    }
     // child2 -> child1 -> child2: refuse with CyclicChain (identity of child1 changed
     // only in its header, so the link child2 -> child1 may also be reported broken).
     match fv_vdisk::open(&p4[2], &ro()) {
@@ -220,6 +231,9 @@ fn broken_wrong_cyclic_and_disallowed_chains_are_typed_errors() {
         Err(DiskError::CyclicChain { .. }) | Err(DiskError::BrokenChain { .. }) => {}
         other => panic!("expected CyclicChain, got {:?}", other.err()),
     }
+    // Merging on the broken chain is refused.
+    assert!(ops::merge_into_parent(&p4[2], true, &mut |_, _| true).is_err());
+    assert!(p4[2].exists());
 }
 
 #[test]
@@ -280,4 +294,110 @@ fn owner_shortcut_random_reads_match_reference_across_top_changes() {
         let again = fv_vdisk::open(paths.last().unwrap(), &ro()).unwrap();
         assert_eq!(read_all(&again), reference, "{fmt:?} after reopen");
     }
+}
+
+#[test]
+fn set_parent_refuses_self_parent_even_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = build_chain(dir.path(), 1, 11);
+    for force in [false, true] {
+        assert!(
+            matches!(
+                ops::set_parent(&paths[1], &paths[1], force),
+                Err(DiskError::Refused { .. })
+            ),
+            "self-parent accepted (force {force})"
+        );
+    }
+    // Still the original, working chain.
+    assert_eq!(fv_vdisk::open(&paths[1], &ro()).unwrap().layers().len(), 2);
+}
+
+/// A chain exactly as deep as open accepts; then `new --parent`, set-parent
+/// (forced too) and inspect at the limit.
+#[test]
+fn depth_limit_is_enforced_by_new_set_parent_and_inspect() {
+    let max = fv_vdisk::MAX_CHAIN_DEPTH;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    ops::create(&base, DiskFormat::Vhd, &dynamic(SIZE)).unwrap();
+    let mut top = base.clone();
+    for i in 1..max {
+        let c = dir.path().join(format!("c{i:03}.vhd"));
+        ops::create_differencing(&c, &top, 0).unwrap();
+        top = c;
+    }
+    assert_eq!(fv_vdisk::open(&top, &ro()).unwrap().layers().len(), max);
+    // One more would never open: refused.
+    let deeper = dir.path().join("deeper.vhd");
+    match ops::create_differencing(&deeper, &top, 0) {
+        Err(DiskError::Refused { reason, .. }) => assert!(reason.contains("deeper"), "{reason}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert!(!deeper.exists());
+    // A separate differencing disk re-pointed at the head: refused, forced too.
+    let other = tempfile::tempdir().unwrap();
+    let (p, _) = build_chain(other.path(), 1, 12);
+    let lone = dir.path().join("lone.vhd");
+    std::fs::rename(&p[1], &lone).unwrap();
+    std::fs::rename(&p[0], dir.path().join("lone-base.vhd")).unwrap();
+    for force in [false, true] {
+        match ops::set_parent(&lone, &top, force) {
+            Err(DiskError::Refused { reason, .. }) => {
+                assert!(reason.contains("deep"), "{reason}")
+            }
+            other => panic!("expected Refused (force {force}), got {other:?}"),
+        }
+    }
+    // Written behind the engine's back, the 129-deep chain: open refuses it and
+    // inspect does not call the last link verified.
+    {
+        let l = fv_vdisk::open_layer(&lone, None, &rw()).unwrap();
+        let t = fv_vdisk::open_layer(&top, None, &ro()).unwrap();
+        let spec = ops::parent_spec(&lone, &top, &t).unwrap();
+        l.image().unwrap().set_parent(&spec).unwrap();
+    }
+    assert!(matches!(
+        fv_vdisk::open(&lone, &ro()),
+        Err(DiskError::Refused { .. })
+    ));
+    let rep = ops::inspect(&lone).unwrap();
+    assert_eq!(rep.chain.len(), max - 1, "ancestors listed");
+    let last = rep.chain.last().unwrap().parent.as_ref().unwrap();
+    assert!(!last.verified, "the link beyond the limit is not verified");
+    assert!(last.problem.as_deref().unwrap_or("").contains("deeper"));
+    assert!(rep
+        .chain
+        .iter()
+        .take(max - 2)
+        .all(|l| l.parent.as_ref().is_some_and(|p| p.verified)));
+}
+
+/// inspect stops at a link it could not verify: what lies behind it is not part
+/// of this disk.
+#[test]
+fn inspect_lists_no_ancestor_behind_an_unverified_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = build_chain(dir.path(), 2, 13);
+    // Break child1 -> base (base written after child1 was made).
+    {
+        let b = fv_vdisk::open(&paths[0], &rw()).unwrap();
+        b.write_at(0, &[7u8; 512]).unwrap();
+    }
+    // child2 -> child1 still verifies; child1 -> base does not.
+    let rep = ops::inspect(&paths[2]).unwrap();
+    assert!(rep.top.parent.as_ref().unwrap().verified);
+    assert_eq!(
+        rep.chain.len(),
+        1,
+        "base is not listed behind the broken link"
+    );
+    let l = rep.chain[0].parent.as_ref().unwrap();
+    assert!(!l.verified && l.problem.is_some());
+    // And merging child2 into child1 is refused: the chain is broken below.
+    match ops::merge_into_parent(&paths[2], false, &mut |_, _| true) {
+        Err(DiskError::BrokenChain { .. }) => {}
+        other => panic!("expected BrokenChain, got {other:?}"),
+    }
+    assert!(paths[2].exists());
 }

@@ -479,3 +479,115 @@ fn set_parent_after_moving_files_and_inspect() {
         assert_eq!(std::fs::read(mnt.file()).unwrap(), reference, "{fmt:?}");
     }
 }
+
+/// Run a QEMU tool; (success, stderr).
+fn qemu(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is required for this test: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Image locks against QEMU's own, both ways: our writable open keeps qemu-io
+/// (read-write) and qemu-img info (read-only) out, our read-only open keeps
+/// writers out but lets qemu-img info in, and a file qemu-nbd serves read-write
+/// is refused to us with qemu-nbd named. Closing releases.
+#[test]
+fn image_locks_exclude_qemu_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.vhdx");
+    ops::create(&img, DiskFormat::Vhdx, &spec(64 << 20, DiskKind::Dynamic)).unwrap();
+    let p = s(&img);
+    let write = ["-f", "vhdx", "-c", "write -P 0x5a 0 64k", p];
+    {
+        let _w = fv_vdisk::open(&img, &rw()).unwrap();
+        let (ok, err) = qemu("qemu-io", &write);
+        assert!(!ok && err.contains("Failed to get"), "qemu-io wrote: {err}");
+        let (ok, err) = qemu("qemu-img", &["info", "-f", "vhdx", p]);
+        assert!(!ok && err.contains("lock"), "qemu-img info opened: {err}");
+        // A second writable open of ours is refused too, naming this process.
+        match fv_vdisk::open(&img, &rw()) {
+            Err(DiskError::Locked { holders, .. }) => {
+                assert!(holders
+                    .iter()
+                    .any(|h| h.pid == std::process::id() && h.writes))
+            }
+            other => panic!("expected Locked, got {:?}", other.err()),
+        }
+    }
+    {
+        let _r1 = fv_vdisk::open(&img, &ro()).unwrap();
+        let _r2 = fv_vdisk::open(&img, &ro()).unwrap();
+        let (ok, err) = qemu("qemu-img", &["info", "-f", "vhdx", p]);
+        assert!(ok, "read-only opens must coexist: {err}");
+        let (ok, err) = qemu("qemu-io", &write);
+        assert!(!ok && err.contains("Failed to get"), "qemu-io wrote: {err}");
+    }
+    // Released: qemu-io writes now.
+    let (ok, err) = qemu("qemu-io", &write);
+    assert!(ok, "{err}");
+
+    // qemu-nbd serving the file read-write. With --fork its first process exits
+    // once the image is open and the export is up (the socket alone exists sooner).
+    let sock = dir.path().join("nbd.sock");
+    let pidfile = dir.path().join("nbd.pid");
+    let (ok, err) = qemu(
+        "qemu-nbd",
+        &[
+            "-f",
+            "vhdx",
+            "--persistent",
+            "--fork",
+            "--pid-file",
+            s(&pidfile),
+            "--socket",
+            s(&sock),
+            p,
+        ],
+    );
+    assert!(ok, "qemu-nbd: {err}");
+    let nbd_pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for opts in [rw(), ro()] {
+        match fv_vdisk::open(&img, &opts) {
+            Err(e @ DiskError::Locked { .. }) => {
+                let DiskError::Locked { holders, .. } = &e else {
+                    unreachable!()
+                };
+                assert!(
+                    holders.iter().any(|h| h.pid == nbd_pid
+                        && h.writes
+                        && h.command.as_deref() == Some("qemu-nbd")),
+                    "holder not named: {e}"
+                );
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("pid {nbd_pid}")) && msg.contains("qemu-nbd"),
+                    "{msg}"
+                );
+            }
+            other => panic!(
+                "expected Locked while qemu-nbd serves, got {:?}",
+                other.err()
+            ),
+        }
+    }
+    qemu("kill", &[&nbd_pid.to_string()]);
+    // Its death releases the lock: wait for it to be gone (it is not our child).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Path::new(&format!("/proc/{nbd_pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(fv_vdisk::open(&img, &rw()).unwrap());
+}

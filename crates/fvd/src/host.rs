@@ -225,20 +225,92 @@ pub fn normalize_static_mac(s: &str) -> Option<String> {
     Some(format_mac(v))
 }
 
-/// Default pool start: Hyper-V's OUI 00:15:5D, then two bytes derived from the host
-/// (Hyper-V uses the host's IP; we use /etc/machine-id) so hosts rarely collide.
+/// Hyper-V derives each host's dynamic MAC range (00:15:5D:XX:YY:00-FF) from the
+/// host's IP address so that hosts on one network do not collide. We derive XX:YY
+/// from what identifies this host: machine-id alone is not enough, because hosts
+/// cloned from one image share it, so the firmware's product UUID, the hostname
+/// and the permanent addresses of physical NICs go into the hash as well. Computed
+/// once, at fvd's first start (the settings are then persisted).
 pub fn default_mac_pool_start() -> String {
-    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    let h = id
-        .trim()
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
-    format!("00:15:5D:{:02X}:{:02X}:00", (h >> 8) & 0xff, h & 0xff)
+    let h = host_fingerprint();
+    mac_pool_start_of(&h)
+}
+
+fn mac_pool_start_of(h: &[u8; 32]) -> String {
+    format!("00:15:5D:{:02X}:{:02X}:00", h[0], h[1])
+}
+
+/// This host's identifying facts (each missing fact simply omitted).
+fn host_facts() -> Vec<(&'static str, String)> {
+    let mut facts = Vec::new();
+    for (label, path) in [
+        ("machine-id", "/etc/machine-id"),
+        ("product_uuid", "/sys/class/dmi/id/product_uuid"),
+        ("hostname", "/proc/sys/kernel/hostname"),
+    ] {
+        if let Ok(v) = std::fs::read_to_string(path) {
+            facts.push((label, v.trim().to_string()));
+        }
+    }
+    // Physical NICs only (they have a `device` link); sorted for a stable order.
+    let mut nics: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("device").exists())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("address")).ok())
+        .map(|a| a.trim().to_string())
+        .collect();
+    nics.sort();
+    facts.extend(nics.into_iter().map(|a| ("nic", a)));
+    facts
+}
+
+pub fn host_fingerprint() -> [u8; 32] {
+    fingerprint_of(&host_facts())
+}
+
+fn fingerprint_of(facts: &[(&str, String)]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut d = Sha256::new();
+    for (label, v) in facts {
+        d.update(label.as_bytes());
+        d.update([0]);
+        d.update(v.as_bytes());
+        d.update([0]);
+    }
+    d.finalize().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_pool_differs_between_clones() {
+        // Two hosts cloned from one image share machine-id and hostname; the
+        // firmware UUID still separates their pools.
+        let a = [
+            ("machine-id", "3d1219c7c4c5404aaa1f6d2a48adfda4".to_string()),
+            (
+                "product_uuid",
+                "42b2d727-18df-40ef-bc65-f58ad60b01c4".to_string(),
+            ),
+        ];
+        let mut b = a.clone();
+        b[1].1 = "9f0c1e2d-0000-4000-8000-000000000001".to_string();
+        let (pa, pb) = (
+            mac_pool_start_of(&fingerprint_of(&a)),
+            mac_pool_start_of(&fingerprint_of(&b)),
+        );
+        assert_ne!(pa, pb);
+        for p in [&pa, &pb] {
+            assert!(p.starts_with("00:15:5D:") && p.ends_with(":00"), "{p}");
+            assert!(parse_mac(p).is_some(), "{p}");
+        }
+        // Stable: the same facts give the same pool.
+        assert_eq!(pa, mac_pool_start_of(&fingerprint_of(&a)));
+    }
 
     #[test]
     fn mac_roundtrip() {

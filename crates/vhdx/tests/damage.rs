@@ -478,3 +478,76 @@ fn a_duplicate_bat_entry_is_damage_and_repair_keeps_the_original() {
     drop(v);
     run_ok("qemu-img", &["check", "-f", "vhdx", p(&path)], 60);
 }
+
+/// Every sector of the log a valid-looking entry header claiming the whole log: a
+/// scan would checksum (log length)^2 / 4 KiB bytes. It is a damaged log instead.
+#[test]
+fn a_log_of_overlapping_entry_headers_is_refused_without_scanning_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut img) = dirty(dir.path(), "s.vhdx", vec![]);
+    let l = Layout::parse(&img).unwrap();
+    let guid = l.hdr.log_guid;
+    assert!(!guid.is_nil());
+    let (lo, ll) = (l.hdr.log_offset as usize, l.hdr.log_length as usize);
+    for s in (lo..lo + ll).step_by(4096) {
+        put(&mut img, s, b"loge");
+        put(&mut img, s + 8, &(ll as u32).to_le_bytes());
+        put(&mut img, s + 16, &1u64.to_le_bytes());
+        put_guid(&mut img, s + 32, &guid);
+    }
+    std::fs::write(&path, &img).unwrap();
+    assert_log_refused(&path, &img, "overlapping entry headers");
+}
+
+/// A differencing disk whose sector bitmap entry points into the headers: its
+/// partially present block is refused, its fully present block served; repair makes
+/// the partial block transparent again (it then reads from the parent).
+#[test]
+fn a_damaged_sector_bitmap_entry_refuses_only_its_partial_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child_p, _) = child_of(dir.path());
+    {
+        let v = VhdxFile::open(&child_p, &OpenOptions::default()).unwrap();
+        v.write(2 * MIB, &vec![9u8; MIB as usize]).unwrap();
+    }
+    let mut img = std::fs::read(&child_p).unwrap();
+    let l = Layout::parse(&img).unwrap();
+    assert_eq!(
+        bat_state(l.entry(&img, l.bat_index(0))),
+        PAYLOAD_PARTIALLY_PRESENT
+    );
+    assert_eq!(bat_state(l.entry(&img, l.sb_index(0))), SB_PRESENT);
+    set_entry(&mut img, &l, l.sb_index(0), bat_entry(SB_PRESENT, 0));
+    std::fs::write(&child_p, &img).unwrap();
+    assert_damaged_refusal(VhdxFile::open(&child_p, &OpenOptions::default()), "bitmap");
+    let v = VhdxFile::open(&child_p, &ro()).unwrap();
+    let mut b = vec![0u8; 4096];
+    assert!(matches!(
+        v.read_layer(4096, &mut b, &mut Vec::new()),
+        Err(DiskError::DamagedBlock { block: 0, .. })
+    ));
+    let mut absent = Vec::new();
+    v.read_layer(2 * MIB, &mut b, &mut absent).unwrap();
+    assert!(absent.is_empty() && b.iter().all(|x| *x == 9));
+    drop(v);
+    let v = VhdxFile::open_for_repair(&child_p).unwrap();
+    let r = v.check(true).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert!(
+        r.repaired
+            .iter()
+            .any(|s| s.starts_with("sector bitmap block 0:"))
+            && r.repaired.iter().any(|s| s.starts_with("block 0:")),
+        "{r:?}"
+    );
+    let mut absent = Vec::new();
+    v.read_layer(4096, &mut b, &mut absent).unwrap();
+    assert_eq!(
+        absent,
+        vec![4096..8192],
+        "block 0 reads from the parent again"
+    );
+    drop(v);
+    let v = VhdxFile::open(&child_p, &OpenOptions::default()).unwrap();
+    assert!(v.check(false).unwrap().is_clean());
+}

@@ -148,8 +148,15 @@ fn unix_now() -> u64 {
 }
 
 fn rfc3339_secs(t: u64) -> String {
-    crate::util::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+    // checked: a time past what SystemTime holds must not panic the handler.
+    match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t)) {
+        Some(at) => crate::util::rfc3339(at),
+        None => format!("@{t}"),
+    }
 }
+
+/// The longest token lifetime: a hundred years (and within RFC 3339's year 9999).
+const MAX_TOKEN_LIFETIME_S: u64 = 100 * 365 * 24 * 3600;
 
 /// The policy and the audit log.
 pub struct Auth {
@@ -614,14 +621,6 @@ pub async fn enforce(
     if let Err(why) = decision {
         return ctx.refuse(&rec, StatusCode::FORBIDDEN, "forbidden", why);
     }
-    let requester = crate::access::Requester::from_principal(
-        &principal,
-        ctx.auth.read(|p| p.root_is_admin),
-        match &principal {
-            Principal::Token { .. } => ctx.auth.principal_name(&principal),
-            Principal::Unix { .. } => None,
-        },
-    );
     req.extensions_mut().insert(Caller {
         principal,
         operation: op.name,
@@ -633,8 +632,7 @@ pub async fn enforce(
             return ctx.refuse(&rec, StatusCode::NOT_FOUND, "not_found", why);
         }
     }
-    // Host paths the handler is given are checked against this caller's rights.
-    let resp = crate::access::with_requester(requester, next.run(req)).await;
+    let resp = next.run(req).await;
     let status = resp.status();
     if let (Some(sc), StatusCode::CREATED) = (&target.create_in, status) {
         let id = resp
@@ -866,7 +864,7 @@ async fn role_view_h(State(c): State<Ctx>, Path(name): Path<String>) -> R {
         .ok_or_else(|| AuthError::NotFound(format!("no role {name:?}")).respond("auth.role.view"))
 }
 
-async fn role_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
+async fn role_create(State(c): State<Ctx>, crate::api::ReqBody(b): crate::api::ReqBody) -> R {
     const OP: &str = "auth.role.create";
     let req: NewRoleRequest = parse(&b).map_err(|e| e.respond(OP))?;
     valid_name("role", &req.name).map_err(|e| e.respond(OP))?;
@@ -912,7 +910,7 @@ async fn scope_list(State(c): State<Ctx>) -> R {
     Ok(Json(v).into_response())
 }
 
-async fn scope_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
+async fn scope_create(State(c): State<Ctx>, crate::api::ReqBody(b): crate::api::ReqBody) -> R {
     const OP: &str = "auth.scope.create";
     let req: NewScopeRequest = parse(&b).map_err(|e| e.respond(OP))?;
     valid_name("scope", &req.name).map_err(|e| e.respond(OP))?;
@@ -949,7 +947,7 @@ async fn vm_scope_set(
     State(c): State<Ctx>,
     caller: Caller,
     crate::api::VmId(id): crate::api::VmId,
-    b: axum::body::Bytes,
+    crate::api::ReqBody(b): crate::api::ReqBody,
 ) -> R {
     const OP: &str = "auth.scope.set";
     let req: SetScopeRequest = parse(&b).map_err(|e| e.respond(OP))?;
@@ -1011,7 +1009,7 @@ async fn assignment_list(State(c): State<Ctx>) -> R {
     Ok(Json(v).into_response())
 }
 
-async fn assignment_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
+async fn assignment_create(State(c): State<Ctx>, crate::api::ReqBody(b): crate::api::ReqBody) -> R {
     const OP: &str = "auth.assignment.create";
     let req: NewAssignmentRequest = parse(&b).map_err(|e| e.respond(OP))?;
     let principal = c
@@ -1093,11 +1091,17 @@ async fn token_list(State(c): State<Ctx>) -> R {
     Ok(Json(v).into_response())
 }
 
-async fn token_create(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
+async fn token_create(State(c): State<Ctx>, crate::api::ReqBody(b): crate::api::ReqBody) -> R {
     const OP: &str = "auth.token.create";
     let req: NewTokenRequest = parse(&b).map_err(|e| e.respond(OP))?;
     valid_name("token", &req.name).map_err(|e| e.respond(OP))?;
     let now = unix_now();
+    if req.expires_in_s.is_some_and(|s| s > MAX_TOKEN_LIFETIME_S) {
+        return Err(AuthError::BadRequest(format!(
+            "expires_in_s: at most {MAX_TOKEN_LIFETIME_S} seconds (100 years)"
+        ))
+        .respond(OP));
+    }
     let expires_at = match req.expires_in_s {
         Some(s) => Some(now.checked_add(s).ok_or_else(|| {
             AuthError::BadRequest("expires_in_s is too large".into()).respond(OP)
@@ -1142,7 +1146,7 @@ async fn settings_view(State(c): State<Ctx>) -> R {
     Ok(Json(v).into_response())
 }
 
-async fn settings_set(State(c): State<Ctx>, b: axum::body::Bytes) -> R {
+async fn settings_set(State(c): State<Ctx>, crate::api::ReqBody(b): crate::api::ReqBody) -> R {
     const OP: &str = "auth.settings.set";
     let req: AuthSettingsPatch = parse(&b).map_err(|e| e.respond(OP))?;
     let v = c

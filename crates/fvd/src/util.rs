@@ -233,7 +233,12 @@ pub fn now() -> String {
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    // humantime's Display fails (and to_string panics) outside years 1970-9999.
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < 253_402_300_800 => humantime::format_rfc3339_millis(t).to_string(),
+        Ok(d) => format!("@{}", d.as_secs()),
+        Err(_) => "1970-01-01T00:00:00.000Z".into(),
+    }
 }
 
 pub fn logical_cpus() -> u32 {

@@ -119,7 +119,9 @@ impl Srv {
         head.push_str("\r\n");
         s.write_all(head.as_bytes())?;
         if let Some(b) = body {
-            s.write_all(b)?;
+            // fvd may answer (a refusal) and close before reading a body: the
+            // answer is still there to read.
+            let _ = s.write_all(b);
         }
         let mut r = BufReader::new(s);
         let mut line = String::new();
@@ -870,8 +872,9 @@ fn objects_in_invisible_scopes_answer_like_nonexistent_ones() {
     let missing = "00000000-0000-4000-8000-000000000000";
     // The same status and body as for an id / name that does not exist.
     let same = |path_of: &dyn Fn(&str) -> String, m: &str, real: &str, fake: &str| {
-        let (s1, v1) = f.req_as(Some(&t), m, &path_of(real), Some(json!({})));
-        let (s2, v2) = f.req_as(Some(&t), m, &path_of(fake), Some(json!({})));
+        let body = (m != "GET").then(|| json!({}));
+        let (s1, v1) = f.req_as(Some(&t), m, &path_of(real), body.clone());
+        let (s2, v2) = f.req_as(Some(&t), m, &path_of(fake), body);
         assert_eq!(s1, 404, "{m} {}: {v1}", path_of(real));
         assert_eq!(s1, s2);
         let m1 = v1["message"].as_str().unwrap().replace(real, "KEY");

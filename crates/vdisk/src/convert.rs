@@ -67,9 +67,13 @@ pub fn check_block_size(to: DiskFormat, kind: DiskKind, block_size: u32) -> Resu
     };
     let max = 256 * MIB;
     if !block_size.is_power_of_two() || !(min..=max).contains(&block_size) {
+        let min = if min >= MIB {
+            format!("{} MiB", min >> 20)
+        } else {
+            format!("{} KiB", min >> 10)
+        };
         return Err(DiskError::InvalidArgument(format!(
-            "block size {block_size} bytes is not valid for a {name}: it must be a power of two from {} KiB to {} MiB",
-            min >> 10,
+            "block size {block_size} bytes is not valid for a {name}: it must be a power of two from {min} to {} MiB",
             max >> 20
         )));
     }

@@ -29,6 +29,9 @@ pub struct Plan {
     pub seed: u64,
     /// Bytes per write; also the alignment of every write.
     pub slot: u64,
+    /// Percentage of writes followed by a flush: rare flushes leave many writes
+    /// unflushed when the trial is cut, frequent ones cut more flushes midway.
+    pub flush_pct: u64,
 }
 
 impl Plan {
@@ -36,7 +39,12 @@ impl Plan {
     /// differencing disks), 64 KiB ones cover more of a block per write.
     pub fn new(seed: u64) -> Plan {
         let slot = [4096, 16384, 65536][(mix(seed) % 3) as usize];
-        Plan { seed, slot }
+        let flush_pct = [30, 10, 3][(mix(seed ^ 0xf7) % 3) as usize];
+        Plan {
+            seed,
+            slot,
+            flush_pct,
+        }
     }
 
     pub fn slots(&self) -> u64 {
@@ -54,9 +62,9 @@ impl Plan {
             .collect()
     }
 
-    /// Whether a flush follows write `i` (about one write in three).
+    /// Whether a flush follows write `i`.
     pub fn flush_after(&self, i: u64) -> bool {
-        mix(self.seed ^ mix(i ^ 0xf1)) % 10 < 3
+        mix(self.seed ^ mix(i ^ 0xf1)) % 100 < self.flush_pct
     }
 
     /// Whether the parent locator is rewritten after write `i` (differencing only).

@@ -453,6 +453,26 @@ fn a_missing_or_malformed_parent_linkage_is_an_error() {
             r => panic!("{what}: {:?}", r.map(|_| ())),
         }
         assert!(std::fs::read(&child_p).unwrap() == m);
+        // The remedy works: set_parent on the repair handle records the link again.
+        let base_p = dir.path().join("base.vhdx");
+        let base = VhdxFile::open(&base_p, &ro()).unwrap();
+        let v = VhdxFile::open_for_repair(&child_p).unwrap();
+        assert!(matches!(
+            v.write(0, &[1u8; 512]),
+            Err(DiskError::Damaged { .. })
+        ));
+        v.set_parent(&ParentSpec {
+            identity: base.info().identity.clone(),
+            virtual_size: 8 * MIB,
+            relative_path: "base.vhdx".into(),
+            absolute_path: base_p.to_str().unwrap().into(),
+            parent_disk_id: None,
+        })
+        .unwrap();
+        assert!(v.damage().is_empty(), "{what}: {:?}", v.damage());
+        drop(v);
+        let v = VhdxFile::open(&child_p, &OpenOptions::default()).unwrap();
+        assert!(v.check(false).unwrap().is_clean(), "{what}");
     }
 }
 

@@ -403,7 +403,7 @@ impl VhdFile {
             };
             damage = d;
             if footer_missing {
-                end = Self::structures_end(&h, hoff, &bat, &damage);
+                end = Self::structures_end(&h, hoff, &bat, &damage, kind == DiskKind::Differencing);
             }
             if kind == DiskKind::Differencing {
                 locator = Some(parent_locator_of(&h, &paths));
@@ -461,26 +461,28 @@ impl VhdFile {
 
     /// End of everything a repair keeps (metadata, sound blocks and blocks cut
     /// short by the end of the file): where the footer goes when it is missing.
-    fn structures_end(h: &DynHeader, hoff: u64, bat: &[u32], d: &Damage) -> u64 {
+    fn structures_end(
+        h: &DynHeader,
+        hoff: u64,
+        bat: &[u32],
+        d: &Damage,
+        differencing: bool,
+    ) -> u64 {
         let total = layout::bitmap_len(h.block_size) + u64::from(h.block_size);
         let mut end = layout::bat_range(h).map_or(0, |r| r.end).max(hoff + 1024);
-        for l in h
-            .locators
-            .iter()
-            .enumerate()
-            .filter(|(i, l)| l.code != 0 && !d.locators.contains(i) && l.data_len > 0)
-        {
+        // Locators validation passed (only a differencing disk's are validated).
+        for l in h.locators.iter().enumerate().filter(|(i, l)| {
+            differencing && l.code != 0 && !d.locators.contains(i) && l.data_len > 0
+        }) {
             end = end.max(l.1.data_offset.saturating_add(u64::from(l.1.data_len)));
         }
         for (i, &e) in bat.iter().enumerate() {
             if e == BAT_UNUSED {
                 continue;
             }
-            let keep = match d.fix.get(&(i as u32)) {
-                None => true,
-                Some(f) => *f == BlockFix::Extend,
-            };
-            if keep {
+            // Shared blocks count too: their copy is made after the footer is back,
+            // from bytes the footer must not cut off.
+            if d.fix.get(&(i as u32)) != Some(&BlockFix::Clear) {
                 end = end.max(u64::from(e) * SECTOR + total);
             }
         }
@@ -916,8 +918,11 @@ impl VhdFile {
             if let Some(r) = layout::bat_range(h) {
                 v.push(r);
             }
+            // Only a differencing disk's locators mean anything (as in validation).
+            let differencing = m.footer.disk_type == DISK_DIFFERENCING;
             for (i, l) in h.locators.iter().enumerate() {
-                if l.code != 0 && l.data_len > 0 && !m.damage.locators.contains(&i) {
+                if differencing && l.code != 0 && l.data_len > 0 && !m.damage.locators.contains(&i)
+                {
                     let e = l.data_offset.saturating_add(u64::from(l.data_len));
                     v.push(l.data_offset..round512(e));
                 }
@@ -983,8 +988,21 @@ impl VhdFile {
         };
         let g = self.geo(m)?;
         if m.footer_missing {
-            let end = Self::structures_end(&h, m.footer.data_offset, &m.bat, &d);
+            let end = Self::structures_end(
+                &h,
+                m.footer.data_offset,
+                &m.bat,
+                &d,
+                self.info.kind == DiskKind::Differencing,
+            );
             let len = self.file_len()?;
+            // Only a block cut short by the end of the file may extend it, by at
+            // most one block.
+            if end > len.saturating_add(g.bml + g.bs) {
+                return Err(self.corrupt(format!(
+                    "repair would put the footer at {end}, past the {len}-byte file by more than a block"
+                )));
+            }
             m.end = end;
             self.pwrite(&m.footer.to_bytes(), end)?;
             if end + SECTOR < len {

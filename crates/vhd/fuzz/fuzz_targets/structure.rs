@@ -4,7 +4,7 @@
 //! calls damaged, guest writes never damage a sound image, repair reports exactly
 //! what it changed).
 #![no_main]
-use fv_vdisk_core::{CreateSpec, DiskKind, Image, Layer, ParentSpec};
+use fv_vdisk_core::{CreateSpec, DiskKind, Layer, ParentSpec};
 use fv_vhd::structure_fuzz::{judge, mutate, FromBytes};
 use fv_vhd::VhdFile;
 use libfuzzer_sys::fuzz_target;

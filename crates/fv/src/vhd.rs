@@ -17,7 +17,17 @@ use std::sync::Arc;
 #[path = "vhd_mount.rs"]
 mod vhd_mount;
 
+/// Shown by `fv vhd --help`; `disk_err` and `run` implement it.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (check: the image is sound, after what --repair changed)
+  1  the image is damaged (check found errors; another command met a corrupt image or broken chain)
+  2  usage error (bad arguments or flags)
+  3  refused (the image is in use by another process, a chain rule, a directory outside --allow-dir, an existing destination)
+  4  any other failure (I/O error, no space, cancelled)";
+
 #[derive(Args)]
+#[command(after_help = EXIT_CODES)]
 pub struct VhdArgs {
     #[command(subcommand)]
     cmd: VhdCmd,
@@ -29,7 +39,7 @@ enum VhdCmd {
     New(NewArgs),
     /// Show an image's type, sizes, allocation and parent chain.
     Inspect(InspectArgs),
-    /// Verify an image's structure (exit 1 if errors are found).
+    /// Verify an image's structure (exit 1 if errors are found); --repair fixes what is safe.
     Check(CheckArgs),
     /// Copy a disk (flattening its chain) into a new image.
     Convert(ConvertArgs),
@@ -105,6 +115,9 @@ struct NewArgs {
     /// Image format (default: from the file extension).
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
+    /// Where PARENT's own ancestors may be found (with --parent).
+    #[command(flatten)]
+    chain: ChainArgs,
 }
 
 #[derive(Args)]
@@ -189,7 +202,7 @@ struct SetParentArgs {
 }
 
 pub fn run(a: VhdArgs, out: OutputFormat) -> anyhow::Result<()> {
-    match a.cmd {
+    let r = match a.cmd {
         VhdCmd::New(a) => new(a, out),
         VhdCmd::Inspect(a) => inspect(a, out),
         VhdCmd::Check(a) => check(a, out),
@@ -199,16 +212,51 @@ pub fn run(a: VhdArgs, out: OutputFormat) -> anyhow::Result<()> {
         VhdCmd::Merge(a) => merge(a, out),
         VhdCmd::SetParent(a) => set_parent(a, out),
         VhdCmd::Mount(a) => vhd_mount::run(a, out),
+    };
+    // main.rs gives usage errors 2, refusals 3 and everything else 1; here 1 means
+    // "damaged" (see EXIT_CODES), so other failures are reported here with 4.
+    match r {
+        Err(e)
+            if e.downcast_ref::<Usage>().is_none()
+                && e.downcast_ref::<Refused>().is_none()
+                && e.downcast_ref::<Damaged>().is_none() =>
+        {
+            if out == OutputFormat::Json {
+                crate::output::line(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
+            } else {
+                eprintln!("fv: {e:#}");
+            }
+            std::process::exit(4);
+        }
+        r => r,
     }
 }
 
-/// One clear line per error; refusals exit 3, bad arguments exit 2.
+/// Marks an error as "the image is damaged" (exit code 1).
+#[derive(Debug)]
+pub struct Damaged(pub String);
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Damaged {}
+
+/// One clear line per error, classed for the exit code (see EXIT_CODES).
 pub fn disk_err(e: DiskError) -> anyhow::Error {
     match e {
-        DiskError::Refused { .. } | DiskError::ParentNotAllowed { .. } => {
-            anyhow!(Refused(e.to_string()))
-        }
+        DiskError::Refused { .. }
+        | DiskError::ParentNotAllowed { .. }
+        | DiskError::Locked { .. } => anyhow!(Refused(e.to_string())),
         DiskError::InvalidArgument(_) => anyhow!(Usage(e.to_string())),
+        DiskError::Corrupt { .. }
+        | DiskError::Damaged { .. }
+        | DiskError::DamagedBlock { .. }
+        | DiskError::DirtyLog { .. }
+        | DiskError::UnknownFormat { .. }
+        | DiskError::BrokenChain { .. }
+        | DiskError::CyclicChain { .. }
+        | DiskError::ParentNotFound { .. } => anyhow!(Damaged(e.to_string())),
         _ => anyhow!(e.to_string()),
     }
 }
@@ -376,7 +424,8 @@ fn new(a: NewArgs, out: OutputFormat) -> anyhow::Result<()> {
                 "a differencing disk takes its parent's sector sizes".into()
             )));
         }
-        ops::create_differencing(&a.path, parent, block_size).map_err(disk_err)?;
+        ops::create_differencing_with(&a.path, parent, block_size, &a.chain.policy())
+            .map_err(disk_err)?;
     } else {
         let Some(size) = &a.size else {
             return Err(anyhow!(Usage("--size (or --parent) is required".into())));
@@ -402,7 +451,7 @@ fn new(a: NewArgs, out: OutputFormat) -> anyhow::Result<()> {
         };
         ops::create(&a.path, format, &spec).map_err(disk_err)?;
     }
-    let rep = ops::inspect(&a.path).map_err(disk_err)?;
+    let rep = ops::inspect_with(&a.path, &a.chain.policy()).map_err(disk_err)?;
     print_inspect(out, &rep);
     Ok(())
 }
@@ -417,6 +466,9 @@ fn inspect(a: InspectArgs, out: OutputFormat) -> anyhow::Result<()> {
 struct CheckOut<'a> {
     path: &'a Path,
     clean: bool,
+    /// With --repair: the errors found before repairing (`errors` is the verdict after).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    found: &'a [String],
     #[serde(flatten)]
     report: &'a fv_vdisk::CheckReport,
 }
@@ -427,18 +479,32 @@ fn check(a: CheckArgs, out: OutputFormat) -> anyhow::Result<()> {
         replay_log: true,
         policy: a.chain.policy(),
     };
-    let rep = match ops::check_with(&a.path, a.repair, &opts) {
-        Ok(r) => r,
-        // An image too damaged to open is a check result, not a tool failure.
-        Err(
-            e @ (DiskError::Corrupt { .. }
-            | DiskError::BrokenChain { .. }
-            | DiskError::DirtyLog { .. }),
-        ) => fv_vdisk::CheckReport {
+    // An image too damaged to open is a check result, not a tool failure.
+    let as_report = |e: DiskError| match e {
+        e @ (DiskError::Corrupt { .. }
+        | DiskError::Damaged { .. }
+        | DiskError::BrokenChain { .. }
+        | DiskError::CyclicChain { .. }
+        | DiskError::DirtyLog { .. }) => Ok(fv_vdisk::CheckReport {
             errors: vec![e.to_string()],
             ..Default::default()
-        },
-        Err(e) => return Err(disk_err(e)),
+        }),
+        e => Err(disk_err(e)),
+    };
+    let first = ops::check_with(&a.path, a.repair, &opts).or_else(as_report)?;
+    // After a repair the verdict is that of a fresh read-only check of the result:
+    // what was found before the repair is not what the image is now.
+    let (rep, found_before) = if a.repair {
+        let after = ops::check_with(&a.path, false, &opts).or_else(as_report)?;
+        let mut r = after;
+        r.repaired = first.repaired.clone();
+        if first.log_replayed {
+            r.repaired
+                .push("replayed the VHDX log into the file".to_string());
+        }
+        (r, Some(first))
+    } else {
+        (first, None)
     };
     let clean = rep.is_clean();
     emit(
@@ -446,36 +512,55 @@ fn check(a: CheckArgs, out: OutputFormat) -> anyhow::Result<()> {
         &CheckOut {
             path: &a.path,
             clean,
+            found: found_before
+                .as_ref()
+                .map(|f| f.errors.as_slice())
+                .unwrap_or(&[]),
             report: &rep,
         },
         || {
             let mut rows = vec![vec!["RESULT".to_string(), "DETAIL".to_string()]];
+            if let Some(before) = &found_before {
+                for e in &before.errors {
+                    rows.push(vec!["found".into(), e.clone()]);
+                }
+            }
+            for r in &rep.repaired {
+                rows.push(vec!["repaired".into(), r.clone()]);
+            }
             for e in &rep.errors {
                 rows.push(vec!["error".into(), e.clone()]);
             }
             for w in &rep.warnings {
                 rows.push(vec!["warning".into(), w.clone()]);
             }
-            for r in &rep.repaired {
-                rows.push(vec!["repaired".into(), r.clone()]);
-            }
-            if rep.log_replayed {
-                rows.push(vec!["note".into(), "the VHDX log was replayed".into()]);
-            }
+            let changed = if !a.repair {
+                "; nothing was changed"
+            } else if rep.repaired.is_empty() {
+                "; nothing needed repair"
+            } else {
+                ""
+            };
             rows.push(vec![
                 if clean { "clean" } else { "NOT CLEAN" }.into(),
                 format!(
-                    "{} ({} errors, {} warnings)",
+                    "{} ({} errors, {} warnings{changed})",
                     a.path.display(),
                     rep.errors.len(),
                     rep.warnings.len()
                 ),
             ]);
+            if !clean && !a.repair {
+                rows.push(vec![
+                    "hint".into(),
+                    "`fv vhd check --repair` fixes what can be fixed safely".into(),
+                ]);
+            }
             rows
         },
     );
     if !clean {
-        // The report above is the error message; exit 1 without a second one.
+        // The report above is the error message; exit 1 (damaged) without a second one.
         std::process::exit(1);
     }
     Ok(())
@@ -652,7 +737,11 @@ fn set_parent(a: SetParentArgs, out: OutputFormat) -> anyhow::Result<()> {
         replay_log: true,
         policy: a.chain.policy(),
     };
-    ops::set_parent_with(&a.child, &a.new_parent, a.force, &opts).map_err(disk_err)?;
+    ops::set_parent_with(&a.child, &a.new_parent, a.force, &opts).map_err(|e| match e {
+        // The named parent is not acceptable: a refusal, not damage of an image.
+        DiskError::BrokenChain { .. } => anyhow!(Refused(e.to_string())),
+        e => disk_err(e),
+    })?;
     let msg = format!(
         "{} now points at {}",
         a.child.display(),

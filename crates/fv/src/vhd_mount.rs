@@ -1,12 +1,11 @@
 //! `fv vhd mount`: serve a disk over NBD in the foreground.
 use super::{disk_err, ChainArgs};
-use crate::output::{Refused, Usage};
+use crate::output::{line, Refused, Usage};
 use crate::OutputFormat;
 use anyhow::anyhow;
 use clap::Args;
 use fv_nbd::{ExportOptions, ListenAddr, NbdError, Server};
 use fv_vdisk::{BlockDevice, OpenOptions};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -67,11 +66,11 @@ pub fn run(a: MountArgs, out: OutputFormat) -> anyhow::Result<()> {
 
     let uri = server.uri().to_string();
     match out {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::json!({ "uri": uri, "path": a.path, "read_only": a.read_only, "size": size })
+        OutputFormat::Json => line(
+            &serde_json::json!({ "uri": uri, "path": a.path, "read_only": a.read_only, "size": size })
+                .to_string(),
         ),
-        OutputFormat::Table => println!(
+        OutputFormat::Table => line(&format!(
             "serving {} ({}, {}) at {uri}\npress Ctrl-C to stop",
             a.path.display(),
             fv_vdisk::format_size(size),
@@ -80,9 +79,8 @@ pub fn run(a: MountArgs, out: OutputFormat) -> anyhow::Result<()> {
             } else {
                 "read-write"
             }
-        ),
+        )),
     }
-    let _ = std::io::stdout().flush();
 
     let res = server.serve();
     sig_handle.close();
@@ -91,14 +89,13 @@ pub fn run(a: MountArgs, out: OutputFormat) -> anyhow::Result<()> {
     // the last reference (held by the server) was dropped.
     let summary = res.map_err(nbd_err)?;
     match out {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::json!({ "stopped": true, "connections": summary.connections })
+        OutputFormat::Json => line(
+            &serde_json::json!({ "stopped": true, "connections": summary.connections }).to_string(),
         ),
-        OutputFormat::Table => println!(
+        OutputFormat::Table => line(&format!(
             "stopped after {} connection(s); disk flushed and closed",
             summary.connections
-        ),
+        )),
     }
     Ok(())
 }

@@ -506,3 +506,345 @@ fn read_only_mount_refuses_writes_and_leaves_the_file_alone() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(sigterm_and_wait(g).success());
 }
+
+/// `fv` pid of a running mount.
+fn mount_pid(g: &MountGuard) -> u32 {
+    g.0.as_ref().unwrap().id()
+}
+
+/// Assert `o` is a refusal (exit 3) naming the holder `pid` and its command.
+fn refused_naming(o: &Output, pid: u32, command: &str) {
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(o);
+    assert!(
+        t.contains(&format!("pid {pid} ({command})")) && t.contains("in use"),
+        "holder pid {pid} ({command}) not named: {t}"
+    );
+}
+
+/// `qemu-nbd` serving `img` read-write on `sock`; killed on drop.
+struct QemuNbd(u32);
+impl QemuNbd {
+    /// With --fork the first process exits once the image is open (and locked)
+    /// and the export is up; the socket alone appears before the image is opened.
+    fn start(img: &Path, fmt: &str, sock: &Path) -> QemuNbd {
+        let pidfile = sock.with_extension("pid");
+        ok(
+            "qemu-nbd",
+            &[
+                "-f",
+                fmt,
+                "--persistent",
+                "--fork",
+                "--pid-file",
+                s(&pidfile),
+                "--socket",
+                s(sock),
+                s(img),
+            ],
+        );
+        QemuNbd(
+            std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        )
+    }
+    fn id(&self) -> u32 {
+        self.0
+    }
+}
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = run("kill", &[&self.0.to_string()]);
+        // Not our child: wait until it is gone, so its lock is released.
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{}", self.0)).exists()
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn two_writable_mounts_of_one_file_are_refused_read_only_ones_coexist() {
+    let d = Scratch::new("lock2");
+    let img = d.path("d.vhdx");
+    fv_json(&["vhd", "new", s(&img), "--size", "64M"]);
+    let (g, _uri, _o) = mount(&img, &d.path("a.sock"), &[]);
+    let holder = mount_pid(&g);
+    // A second writer, and a reader beside the writer: refused, the holder named.
+    let o = fv(&["vhd", "mount", s(&img), "--nbd", s(&d.path("b.sock"))]);
+    refused_naming(&o, holder, "fv");
+    assert!(text(&o).contains("read-write"), "{}", text(&o));
+    let o = fv(&[
+        "vhd",
+        "mount",
+        s(&img),
+        "--read-only",
+        "--nbd",
+        s(&d.path("b.sock")),
+    ]);
+    refused_naming(&o, holder, "fv");
+    assert!(!d.path("b.sock").exists());
+    assert!(sigterm_and_wait(g).success());
+
+    // Readers together: two read-only mounts and qemu-img info; a writer (ours or
+    // qemu-io) is refused while they run.
+    let (g1, uri1, _o1) = mount(&img, &d.path("r1.sock"), &["--read-only"]);
+    let (g2, uri2, _o2) = mount(&img, &d.path("r2.sock"), &["--read-only"]);
+    ok("qemu-img", &["info", "-f", "vhdx", s(&img)]);
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 4k", &uri1]);
+    ok("qemu-io", &["-r", "-f", "raw", "-c", "read 0 4k", &uri2]);
+    let o = run("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
+    assert!(
+        !o.status.success() && text(&o).contains("Failed to get \"write\" lock"),
+        "{}",
+        text(&o)
+    );
+    let o = fv(&["vhd", "mount", s(&img), "--nbd", s(&d.path("w.sock"))]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(sigterm_and_wait(g1).success());
+    assert!(sigterm_and_wait(g2).success());
+    // All released: qemu-io writes now.
+    ok("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
+}
+
+#[test]
+fn qemu_nbd_and_our_mount_exclude_each_other() {
+    let d = Scratch::new("lockq");
+    let img = d.path("d.vhdx");
+    fv_json(&["vhd", "new", s(&img), "--size", "64M"]);
+    {
+        let q = QemuNbd::start(&img, "vhdx", &d.path("q.sock"));
+        let o = fv(&["vhd", "mount", s(&img), "--nbd", s(&d.path("f.sock"))]);
+        refused_naming(&o, q.id(), "qemu-nbd");
+        assert!(text(&o).contains("holding it read-write"), "{}", text(&o));
+        // Read-only as well: qemu-nbd does not share writing with readers.
+        let o = fv(&[
+            "vhd",
+            "mount",
+            s(&img),
+            "--read-only",
+            "--nbd",
+            s(&d.path("f.sock")),
+        ]);
+        refused_naming(&o, q.id(), "qemu-nbd");
+        // As a second qemu-nbd would be.
+        let o = run(
+            "qemu-nbd",
+            &["-f", "vhdx", "--socket", s(&d.path("q2.sock")), s(&img)],
+        );
+        assert!(
+            !o.status.success() && text(&o).contains("lock"),
+            "{}",
+            text(&o)
+        );
+    }
+    // Our writable mount keeps qemu-nbd, qemu-io and qemu-img out.
+    let (g, _uri, _o) = mount(&img, &d.path("f.sock"), &[]);
+    let o = run(
+        "qemu-nbd",
+        &["-f", "vhdx", "--socket", s(&d.path("q3.sock")), s(&img)],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("Failed to get"),
+        "qemu-nbd served a file we hold: {}",
+        text(&o)
+    );
+    let o = run("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
+    assert!(
+        !o.status.success() && text(&o).contains("Failed to get \"write\" lock"),
+        "{}",
+        text(&o)
+    );
+    let o = run("qemu-img", &["info", "-f", "vhdx", s(&img)]);
+    assert!(
+        !o.status.success() && text(&o).contains("lock"),
+        "{}",
+        text(&o)
+    );
+    assert!(sigterm_and_wait(g).success());
+    // Released on exit: qemu-nbd can have it.
+    drop(QemuNbd::start(&img, "vhdx", &d.path("q4.sock")));
+}
+
+#[test]
+fn operations_on_an_image_in_use_are_refused_naming_the_holder() {
+    let d = Scratch::new("lockops");
+    let base = d.path("base.vhdx");
+    let child = d.path("child.vhdx");
+    let lone = d.path("lone.vhdx");
+    fv_json(&["vhd", "new", s(&base), "--size", "64M"]);
+    fv_json(&["vhd", "new", s(&child), "--parent", s(&base)]);
+    fv_json(&["vhd", "new", s(&lone), "--size", "64M"]);
+    let before = std::fs::read(&child).unwrap();
+
+    // A writable mount of the child holds it (exclusive) and its parent (shared).
+    let (g, _uri, _o) = mount(&child, &d.path("c.sock"), &[]);
+    let holder = mount_pid(&g);
+    let o = fv(&["vhd", "merge", s(&child), "--into-parent"]);
+    refused_naming(&o, holder, "fv");
+    assert!(child.exists(), "merge of a disk in use removed it");
+    let o = fv(&["vhd", "set-parent", s(&child), s(&base)]);
+    refused_naming(&o, holder, "fv");
+    let o = fv(&["vhd", "compact", s(&child)]);
+    refused_naming(&o, holder, "fv");
+    // The parent is shared read-only: writing it (compact) is refused too.
+    let o = fv(&["vhd", "compact", s(&base)]);
+    refused_naming(&o, holder, "fv");
+    assert!(sigterm_and_wait(g).success());
+    assert_eq!(
+        std::fs::read(&child).unwrap(),
+        before,
+        "refused ops changed the child"
+    );
+
+    // Held by qemu-nbd: resize and compact name it.
+    let q = QemuNbd::start(&lone, "vhdx", &d.path("q.sock"));
+    let o = fv(&["vhd", "resize", s(&lone), "--size", "128M"]);
+    refused_naming(&o, q.id(), "qemu-nbd");
+    let o = fv(&["vhd", "compact", s(&lone)]);
+    refused_naming(&o, q.id(), "qemu-nbd");
+    drop(q);
+    fv_json(&["vhd", "resize", s(&lone), "--size", "128M"]);
+    assert_eq!(qemu_info(&lone, "vhdx")["virtual-size"], 128 * MIB);
+}
+
+#[test]
+fn set_parent_refuses_cycles_forced_too_and_new_parent_names_real_flags() {
+    let d = Scratch::new("cycle");
+    let base = d.path("base.vhd");
+    let c1 = d.path("c1.vhd");
+    let c2 = d.path("c2.vhd");
+    fv_json(&["vhd", "new", s(&base), "--size", "16M"]);
+    fv_json(&["vhd", "new", s(&c1), "--parent", s(&base)]);
+    fv_json(&["vhd", "new", s(&c2), "--parent", s(&c1)]);
+    for extra in [&[][..], &["--force"][..]] {
+        let mut a = vec!["vhd", "set-parent", s(&c1), s(&c2)];
+        a.extend(extra);
+        let o = fv(&a);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert!(text(&o).contains("cycle"), "{}", text(&o));
+        let mut a = vec!["vhd", "set-parent", s(&c1), s(&c1)];
+        a.extend(extra);
+        let o = fv(&a);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    }
+    // The chain is untouched and verified.
+    let rep = fv_json(&["vhd", "inspect", s(&c2)]);
+    assert_eq!(rep["chain"].as_array().unwrap().len(), 2, "{rep}");
+    assert_eq!(rep["parent"]["verified"], true);
+}
+
+#[test]
+fn check_without_repair_changes_nothing_repair_exits_0_and_damaged_convert_fails() {
+    use std::os::unix::fs::FileExt;
+    let d = Scratch::new("repair");
+    let p = d.path("d.vhd");
+    fv_json(&["vhd", "new", s(&p), "--size", "16M"]);
+    ok("qemu-io", &["-f", "vpc", "-c", "write -P 1 0 4M", s(&p)]);
+    // Block 1's BAT entry far past the end of the file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let mut hdr = [0u8; 1024];
+    f.read_exact_at(&mut hdr, 512).unwrap();
+    let bat = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
+    f.write_all_at(&0x00ff_0000u32.to_be_bytes(), bat + 4)
+        .unwrap();
+    drop(f);
+    let damaged = std::fs::read(&p).unwrap();
+
+    let o = fv(&["vhd", "check", s(&p)]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("nothing was changed") && t.contains("--repair"),
+        "{t}"
+    );
+    assert!(!t.contains("repaired") && !t.contains("replayed"), "{t}");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        damaged,
+        "check without --repair wrote"
+    );
+
+    // Converting the damaged image fails (exit 1: damaged) and leaves no output.
+    let out = d.path("out.vhdx");
+    let o = fv(&["vhd", "convert", s(&p), s(&out)]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "convert of a damaged image: {}",
+        text(&o)
+    );
+    assert!(!out.exists());
+
+    let o = fv(&["vhd", "check", s(&p), "--repair"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("repaired") && t.contains("block 1"), "{t}");
+    let v = fv_json(&["vhd", "check", s(&p), "--repair"]);
+    assert_eq!(v["clean"], true, "{v}");
+    assert!(
+        v["repaired"].as_array().unwrap().is_empty(),
+        "second repair changed: {v}"
+    );
+    // qemu-img has no VHD check: qemu reads it, block 0 intact, block 1 now
+    // unallocated (zeros), as the repair said.
+    ok("qemu-img", &["info", "-f", "vpc", s(&p)]);
+    let o = ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "vpc",
+            "-c",
+            "read -P 1 0 2M",
+            "-c",
+            "read -P 0 2M 2M",
+            s(&p),
+        ],
+    );
+    assert!(!o.contains("mismatch") && !o.contains("fail"), "{o}");
+}
+
+#[test]
+fn exit_codes_are_documented_and_a_closed_pipe_is_quiet() {
+    let o = fv(&["vhd", "--help"]);
+    let t = text(&o);
+    for line in [
+        "0  success",
+        "1  the image is damaged",
+        "2  usage",
+        "3  refused",
+        "4  any other",
+    ] {
+        assert!(t.contains(line), "--help lacks {line:?}: {t}");
+    }
+    // Exit 4: an I/O failure (a missing file), distinct from damage.
+    let o = fv(&["vhd", "inspect", "/nonexistent/x.vhdx"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+
+    // `fv -o json vhd inspect … | head`: stdout closed before fv writes.
+    let d = Scratch::new("pipe");
+    let p = d.path("d.vhdx");
+    fv_json(&["vhd", "new", s(&p), "--size", "16M"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fv"))
+        .args(["-o", "json", "vhd", "inspect", s(&p)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = wait_output(child, "fv vhd inspect", Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+}

@@ -267,6 +267,7 @@ impl Srv {
 /// A refusal: 403 whose message names the path and says what is missing.
 fn refused(r: &(u16, Value), path: &Path, words: &[&str]) {
     let msg = r.1["message"].as_str().unwrap_or_default();
+    println!("refused: {msg}");
     assert_eq!(r.0, 403, "expected 403 for {}: {}", path.display(), r.1);
     assert!(
         msg.contains(&path.display().to_string()),

@@ -2206,7 +2206,7 @@ impl Manager {
                         .lock()
                         .get(&id)
                         .is_some_and(|v| v.expect == Some(Expect::Off));
-                    if turned_off {
+                    if turned_off || e.contains("the VM was turned off") {
                         j.cancelled(format!("save cancelled: the VM was turned off ({e})"));
                         return;
                     }
@@ -2363,15 +2363,18 @@ impl Manager {
                         (Some(Expect::Saved), _) => {
                             // The save task decides (Saved, or Critical when the call failed).
                         }
-                        (_, Some(r)) if self.adopt_result(vm, &r) => {}
+                        // A crash (Critical) goes on below: its cause, then recovery.
+                        (_, Some(r))
+                            if r.state != VmState::Critical && self.adopt_result(vm, &r) => {}
                         (Some(Expect::Off), _) => self.set_state_locked(vm, VmState::Off, None),
                         (None, _) if vm.row.state == VmState::Off => {
                             self.set_state_locked(vm, VmState::Off, None)
                         }
-                        (None, _) => {
+                        (None, result) => {
                             let cause = vm
                                 .last_exit
                                 .clone()
+                                .or(result.and_then(|r| r.reason))
                                 .filter(|c| !c.trim().is_empty())
                                 .unwrap_or_else(|| {
                                     let out = log_tail(&self.log_path(id), 3);

@@ -45,8 +45,20 @@ fn dirty_memory(console: &mut Console, mib: u32) {
 
 #[test]
 fn save_of_a_running_1gib_guest_completes_and_restores() {
-    let mut vm = gen1_vm("save-1g");
-    vm.config.memory_mib = 1024;
+    save_and_restore(1024, 300);
+}
+
+#[test]
+fn save_of_a_running_256mib_guest_completes_and_restores() {
+    // tmpfs takes at most half of the guest's memory.
+    save_and_restore(256, 90);
+}
+
+/// Save a running guest of `memory_mib` with `dirty` MiB of random data in RAM,
+/// restore it, check it continued; prints the save and restore times.
+fn save_and_restore(memory_mib: u64, dirty: u32) {
+    let mut vm = gen1_vm(&format!("save-{memory_mib}"));
+    vm.config.memory_mib = memory_mib;
     let (mut w, mut c, mut console) = boot(&vm, &[]);
     console.run(
         "d",
@@ -61,7 +73,7 @@ fn save_of_a_running_1gib_guest_completes_and_restores() {
     );
     // Enough non-zero memory that QEMU's completion phase outruns the socket buffer
     // (the old worker hung here, at 89 %, waiting on QMP inside its read loop).
-    dirty_memory(&mut console, 300);
+    dirty_memory(&mut console, dirty);
     let up1 = uptime(&mut console, "u1");
 
     let save_dir = vm.vm_dir.path().join("Saved");
@@ -81,12 +93,12 @@ fn save_of_a_running_1gib_guest_completes_and_restores() {
         bytes
     );
     assert!(
-        bytes > 300 << 20,
+        bytes > u64::from(dirty) << 20,
         "stream of {bytes} bytes lacks the dirtied RAM"
     );
     assert!(!save_dir.join("vmstate.bin.partial").exists());
     println!(
-        "BENCH save 1024 MiB guest (300 MiB dirtied): {took:.2} s, {:.0} MiB stream",
+        "BENCH save {memory_mib} MiB guest ({dirty} MiB dirtied): {took:.2} s, {:.0} MiB stream",
         bytes as f64 / 1048576.0
     );
     c.wait_state(VmState::Saved, Duration::from_secs(60));
@@ -106,7 +118,7 @@ fn save_of_a_running_1gib_guest_completes_and_restores() {
         c.wait_state(VmState::Running, Duration::from_secs(900));
     }
     println!(
-        "BENCH restore 1024 MiB guest: {:.2} s to Running",
+        "BENCH restore {memory_mib} MiB guest: {:.2} s to Running",
         t.elapsed().as_secs_f64()
     );
     w2.qemu_pid = c.status()["qemu_pid"].as_i64().unwrap() as i32;
@@ -121,7 +133,7 @@ fn save_of_a_running_1gib_guest_completes_and_restores() {
         "du -m /dev/shm/fill | cut -f1",
         Duration::from_secs(120),
     );
-    assert_eq!(sum.trim(), "300");
+    assert_eq!(sum.trim(), dirty.to_string());
     c.ok(json!({"op": "turn_off"}));
     c.wait_state(VmState::Off, Duration::from_secs(60));
     assert!(w2.wait_exit(Duration::from_secs(60)));
@@ -131,14 +143,15 @@ fn save_of_a_running_1gib_guest_completes_and_restores() {
 
 #[test]
 fn long_save_leaves_status_and_pause_answered_and_turn_off_ends_it() {
-    // 5 MB/s: the ~150 MB stream takes about half a minute.
+    // 5 MB/s: the ~100 MB stream takes about 20 s.
     const SLOW: [(&str, &str); 1] = [("FV_WORKER_SAVE_MAX_BANDWIDTH", "5000000")];
     let a = gen1_vm("long-save-a");
     let mut b = gen1_vm("other-b");
     b.config.network_adapters[0].static_mac = Some("00:15:5d:12:34:57".into());
     let (mut wa, mut ca, mut console_a) = boot(&a, &SLOW);
     let (_wb, mut cb, mut console_b) = boot(&b, &[]);
-    dirty_memory(&mut console_a, 150);
+    // tmpfs takes at most half of the 256 MiB guest.
+    dirty_memory(&mut console_a, 90);
 
     // Save A on its own connection; the reply must not arrive before we are done.
     let mut saver = wa.connect();

@@ -573,10 +573,10 @@ fn relative_dirs_are_made_absolute() {
         .spawn()
         .unwrap();
     let sock = base.path().join("rn/fvd.sock");
-    let mut c = Client::new(&sock);
+    let mut c = fvd::client::Client::new(&sock);
     c.timeout = Duration::from_secs(300);
     let end = std::time::Instant::now() + Duration::from_secs(60);
-    while c.request("GET", "/host", None).map(|r| r.status) != Ok(200) {
+    while c.request("GET", "/host", None).ok().map(|r| r.status) != Some(200) {
         assert!(std::time::Instant::now() < end, "fvd did not answer");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -584,13 +584,13 @@ fn relative_dirs_are_made_absolute() {
         .request(
             "POST",
             "/vms",
-            Some(json!({"name": "rel", "generation": "1", "memory_mib": 64})),
+            Some(&json!({"name": "rel", "generation": "1", "memory_mib": 64})),
         )
         .unwrap();
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let run_job = |c: &Client, path: &str, body: Option<Value>| -> Value {
-        let r = c.request("POST", path, body).unwrap();
+    let run_job = |c: &fvd::client::Client, path: &str, body: Option<Value>| -> Value {
+        let r = c.request("POST", path, body.as_ref()).unwrap();
         assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
         let jid = r.json()["id"].as_str().unwrap().to_string();
         loop {

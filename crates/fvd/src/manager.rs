@@ -2493,6 +2493,15 @@ impl Manager {
                             .map(|l| l.accel);
                             vm.status = Some((st, Instant::now()));
                             self.set_state_locked(vm, s, None);
+                            // A worker in its final state (lingering before it exits)
+                            // has written its result: take it now, saved state included.
+                            if matches!(s, VmState::Saved | VmState::Off) {
+                                if let Some(r) = read_result(&rt, id) {
+                                    if self.adopt_result(vm, &r) {
+                                        let _ = self.db.put_vm(&vm.row);
+                                    }
+                                }
+                            }
                             self.events.emit(
                                 "vm.reattached",
                                 Some(id),

@@ -69,7 +69,7 @@ impl Plan {
 
     /// Whether the parent locator is rewritten after write `i` (differencing only).
     pub fn set_parent_after(&self, i: u64) -> bool {
-        mix(self.seed ^ mix(i ^ 0x5e)) % 10 == 0
+        mix(self.seed ^ mix(i ^ 0x5e)).is_multiple_of(10)
     }
 
     /// The index of the `n`-th flush point at or after write `i` (n >= 1).
@@ -133,7 +133,7 @@ pub fn verify(
         for &i in writes.iter().filter(|&&i| i >= flushed) {
             allowed.push(plan.data(i));
         }
-        if !allowed.iter().any(|a| *a == got) {
+        if !allowed.contains(&got) {
             let which = match last_flushed {
                 Some(i) => format!("flushed write {i}"),
                 None => "pre-trial content".into(),

@@ -1307,7 +1307,9 @@ impl Manager {
         if let Some(s) = &vm.row.saved_dir {
             // Only the saved state fvd writes (`<vm_dir>/saved-state`).
             let ours = dir.join("saved-state");
-            let is_dir = std::fs::symlink_metadata(&ours).map(|m| m.is_dir()).unwrap_or(false);
+            let is_dir = std::fs::symlink_metadata(&ours)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
             if *s == ours && is_dir {
                 let _ = std::fs::remove_dir_all(&ours);
             }
@@ -1319,13 +1321,19 @@ impl Manager {
             if !f.starts_with(&dir) {
                 continue;
             }
-            let regular = std::fs::symlink_metadata(&f).map(|m| m.is_file()).unwrap_or(false);
+            let regular = std::fs::symlink_metadata(&f)
+                .map(|m| m.is_file())
+                .unwrap_or(false);
             if regular {
                 let _ = std::fs::remove_file(&f);
             }
         }
         // Folders fvd made, deepest first; each goes only if it is empty now.
-        let mut dirs: Vec<&PathBuf> = rec.created.iter().filter(|p| p.starts_with(&dir) || **p == dir || dir.starts_with(p)).collect();
+        let mut dirs: Vec<&PathBuf> = rec
+            .created
+            .iter()
+            .filter(|p| p.starts_with(&dir) || **p == dir || dir.starts_with(p))
+            .collect();
         dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for d in dirs {
             let _ = std::fs::remove_dir(d);

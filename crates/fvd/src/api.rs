@@ -727,6 +727,25 @@ async fn host_set(State(m): S, ReqBody(b): ReqBody) -> R {
     crate::util::merge_patch(&mut v, &patch);
     let new: HostSettings =
         crate::util::from_value_strict(v).map_err(|e| bad(OP, format!("request body: {e}")))?;
+    // Host folders: absolute, no NUL, within PATH_MAX (VM folders are made in them).
+    let folders = [
+        ("vm_folder", &new.vm_folder),
+        ("disk_folder", &new.disk_folder),
+    ]
+    .into_iter()
+    .chain(new.media_folders.iter().map(|p| ("media_folders", p)));
+    for (field, p) in folders {
+        fv_model::check_path(field, p).map_err(|e| bad(OP, format!("request body: {e}")))?;
+        if !p.is_absolute() {
+            return Err(bad(
+                OP,
+                format!(
+                    "request body: {field}: {} is not an absolute path",
+                    p.display()
+                ),
+            ));
+        }
+    }
     let ch = |a: bool| a;
     let p = HostSettingsPatch {
         vm_folder: ch(new.vm_folder != cur.vm_folder).then(|| new.vm_folder.clone()),

@@ -206,6 +206,14 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> MgrError {
             "cannot {what} {}: no space left on its file system ({e}); nothing was changed",
             path.display()
         ))
+    } else if util::is_callers_path_error(&e) {
+        // The path the caller (or the host settings) gave cannot be used: not a
+        // folder, a file in the way, too long, NUL, read-only file system.
+        MgrError::BadRequest(format!(
+            "cannot {what} {}: {}",
+            path.display(),
+            util::log_safe(&e.to_string())
+        ))
     } else {
         MgrError::Internal(format!("cannot {what} {}: {e}", path.display()))
     }

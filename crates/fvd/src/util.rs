@@ -47,6 +47,25 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     )
 }
 
+/// An error that comes from the path itself, not from the host: a component is not
+/// a folder, a file is where a folder should go (or the reverse), the name is too
+/// long or loops, it holds a NUL, or the file system is read-only.
+pub fn is_callers_path_error(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.kind() == std::io::ErrorKind::InvalidInput
+        || matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(
+                Errno::ENOTDIR
+                    | Errno::EEXIST
+                    | Errno::EISDIR
+                    | Errno::ENAMETOOLONG
+                    | Errno::ELOOP
+                    | Errno::EROFS
+            )
+        )
+}
+
 mod libc_enospc {
     pub const ENOSPC: i32 = nix::errno::Errno::ENOSPC as i32;
     pub const EDQUOT: i32 = nix::errno::Errno::EDQUOT as i32;

@@ -332,6 +332,19 @@ fn names_are_limited_like_hyper_v_and_never_stored_when_bad() {
         Some(json!({"name": "p", "vm_dir": "/tmp/a\u{0}b"})),
     );
     assert_bad(s, &v, "vm_dir", "NUL", "vm_dir");
+    // Folders that cannot be folders are the caller's error (400), not fvd's.
+    let file = f.state.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let (s, v) = f.req("POST", "/vms", Some(json!({"name": "p", "vm_dir": file})));
+    assert_bad(s, &v, "a-file", "cannot", "vm_dir is a file");
+    for (k, bad) in [
+        ("vm_folder", json!("relative/vms")),
+        ("disk_folder", json!("/a\u{0}b")),
+        ("media_folders", json!(["rel"])),
+    ] {
+        let (s, v) = f.req("PATCH", "/host", Some(json!({ k: bad })));
+        assert_bad(s, &v, k, "", &format!("host {k}"));
+    }
     let (c, out, err) = fv(&f, &["vm", "list"]);
     assert_eq!(c, 0, "fv vm list: {out}{err}");
 }

@@ -81,7 +81,7 @@ pub fn print_table(rows: &[Vec<String>]) {
             l.push_str(c);
             if i + 1 < r.len() {
                 let pad = w[i].saturating_sub(c.chars().count());
-                l.extend(std::iter::repeat(' ').take(pad));
+                l.extend(std::iter::repeat_n(' ', pad));
             }
         }
         line(l.trim_end());

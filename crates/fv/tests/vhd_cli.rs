@@ -514,7 +514,7 @@ fn mount_pid(g: &MountGuard) -> u32 {
 
 /// Assert `o` is a refusal (exit 3) naming the holder `pid` and its command.
 fn refused_naming(o: &Output, pid: u32, command: &str) {
-    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", text(o));
     let t = text(o);
     assert!(
         t.contains(&format!("pid {pid} ({command})")) && t.contains("in use"),

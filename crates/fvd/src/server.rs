@@ -277,7 +277,7 @@ impl ConnLimits {
     /// Log a refusal (rate-limited).
     fn note_refused(&self, why: &ConnRefused) {
         let n = self.refused.fetch_add(1, Ordering::Relaxed);
-        if n % REFUSAL_LOG_EVERY == 0 {
+        if n.is_multiple_of(REFUSAL_LOG_EVERY) {
             tracing::warn!(
                 "refused API connection: {why} ({} refused so far)",
                 n.saturating_add(1)

@@ -1497,7 +1497,7 @@ impl Manager {
                 .get(&id)
                 .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
             Self::refuse(vm, Action::Start)?;
-            if vm.worker.is_some() {
+            if vm.worker.is_some() && !Self::worker_finished(vm) {
                 return Err(Self::invalid_state(vm, "start"));
             }
             if self.shutting_down.load(Ordering::SeqCst) {
@@ -1508,6 +1508,11 @@ impl Manager {
             let vm = vms
                 .get_mut(&id)
                 .ok_or_else(|| MgrError::NotFound(format!("no VM {id}")))?;
+            if vm.worker.is_some() && Self::worker_finished(vm) {
+                // Its end (Gone) is then ignored; the new launch replaces its files.
+                vm.worker = None;
+                vm.status = None;
+            }
             let restore = vm.row.saved_dir.clone();
             vm.guest_ready = false;
             vm.expect = None;
@@ -1793,6 +1798,16 @@ impl Manager {
                 "VM did not reach Running within 600 s".into(),
             )),
         }
+    }
+
+    /// A worker re-attached in its final state (Saved or Off) only lingers before it
+    /// exits: it does not keep the VM from starting again.
+    fn worker_finished(vm: &Vm) -> bool {
+        matches!(vm.row.state, VmState::Saved | VmState::Off)
+            && vm
+                .status
+                .as_ref()
+                .is_some_and(|(s, _)| matches!(s.state, VmState::Saved | VmState::Off))
     }
 
     /// Take a worker's final result (result.json) as the VM's state. False when it

@@ -177,7 +177,8 @@ pub enum VmCmd {
     /// Remove (unregister) a VM that is Off or Saved.
     Remove {
         vm: String,
-        /// Also delete its config, saved state and the disks inside its folder.
+        /// Also delete the files fvd made for it: its config, its saved state and its
+        /// folder if fvd created it and it is then empty (disks are kept, as Hyper-V does).
         #[arg(long)]
         delete_files: bool,
     },

@@ -621,6 +621,14 @@ pub async fn enforce(
     if let Err(why) = decision {
         return ctx.refuse(&rec, StatusCode::FORBIDDEN, "forbidden", why);
     }
+    let requester = crate::access::Requester::from_principal(
+        &principal,
+        ctx.auth.read(|p| p.root_is_admin),
+        match &principal {
+            Principal::Token { .. } => ctx.auth.principal_name(&principal),
+            Principal::Unix { .. } => None,
+        },
+    );
     req.extensions_mut().insert(Caller {
         principal,
         operation: op.name,
@@ -632,7 +640,8 @@ pub async fn enforce(
             return ctx.refuse(&rec, StatusCode::NOT_FOUND, "not_found", why);
         }
     }
-    let resp = next.run(req).await;
+    // Host paths the handler is given are checked against this caller's rights.
+    let resp = crate::access::with_requester(requester, next.run(req)).await;
     let status = resp.status();
     if let (Some(sc), StatusCode::CREATED) = (&target.create_in, status) {
         let id = resp

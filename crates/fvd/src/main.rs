@@ -59,8 +59,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(fvd::util::log_stderr)
         .init();
     let cfg = fvd::server::Config {
-        state_dir: dir(a.state_dir, "FV_STATE_DIR", "/var/lib/ferrovisor"),
-        runtime_dir: dir(a.runtime_dir, "FV_RUNTIME_DIR", "/run/ferrovisor"),
+        state_dir: dir(a.state_dir, "FV_STATE_DIR", "/var/lib/ferrovisor")?,
+        runtime_dir: dir(a.runtime_dir, "FV_RUNTIME_DIR", "/run/ferrovisor")?,
         listen_tcp: a.listen_tcp,
     };
     if a.shutdown_host {

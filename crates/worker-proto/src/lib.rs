@@ -34,6 +34,9 @@ pub const PID_NAME: &str = "worker.pid";
 /// The worker's final outcome, kept in the runtime dir until fvd collects it.
 pub const RESULT_NAME: &str = "result.json";
 
+// One message per line, decoded and moved once: boxing the large reply would only
+// add an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Message {

@@ -10,11 +10,11 @@ use crate::jobs::{JobHandle, Jobs};
 use crate::util;
 use crate::worker::{CallError, WorkerConn, WorkerMsg};
 use fv_model::api::*;
+use fv_model::state::{allows, Action};
 use fv_model::{
     AutomaticStartAction, AutomaticStopAction, ControllerKind, DvdDrive, Generation, HardDrive,
     NetworkAdapter, NicConnection, NicKind, Slot, VmConfig, VmState,
 };
-use fv_model::state::{allows, Action};
 use fv_worker_proto::{Event, LaunchSpec, Op, WorkerStatus};
 use parking_lot::Mutex;
 use std::collections::HashMap;

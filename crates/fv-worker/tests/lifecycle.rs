@@ -128,11 +128,21 @@ fn boot_pause_save_restore_shutdown() {
         serde_json::from_slice(&std::fs::read(save_dir.join("vmstate.json")).unwrap()).unwrap();
     assert_eq!(meta["vm_id"], vm.config.id.to_string());
     c.wait_state(VmState::Saved, Duration::from_secs(60));
-    let saw_progress = c
+    // Save progress was reported, never went backwards, and ended at 100 % (sent
+    // only once the state file is complete and synced).
+    let progress: Vec<u8> = c
         .events
         .iter()
-        .any(|e| matches!(e, Event::SaveProgress { .. }));
-    let _ = saw_progress;
+        .filter_map(|e| match e {
+            Event::SaveProgress { percent } => Some(*percent),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.last(), Some(&100), "save progress: {progress:?}");
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "save progress went backwards: {progress:?}"
+    );
     assert!(
         w.wait_exit(Duration::from_secs(60)),
         "worker did not exit after save"

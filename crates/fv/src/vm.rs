@@ -488,20 +488,7 @@ fn freeze_rows(st: &Value) -> Vec<Vec<String>> {
 /// old record must not break the table or fake a row) and very long text cut, with
 /// its length said. `-o json` shows the value as it is.
 fn shown(s: &str) -> String {
-    const MAX: usize = 120;
-    let mut out = String::new();
-    for (n, c) in s.chars().enumerate() {
-        if n == MAX {
-            out.push_str(&format!("...({} characters)", s.chars().count()));
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    fv_model::one_line(s, 120)
 }
 
 /// Newest first, as fvd lists them.

@@ -133,16 +133,7 @@ impl Vm {
     }
     /// Counts against the host's CPU/memory: a worker exists or is being started.
     fn active(&self) -> bool {
-        self.worker.is_some()
-            || matches!(
-                self.row.state,
-                VmState::Starting
-                    | VmState::Running
-                    | VmState::Paused
-                    | VmState::Saving
-                    | VmState::Stopping
-                    | VmState::Resetting
-            )
+        self.worker.is_some() || fv_model::state::has_qemu(self.row.state)
     }
 }
 

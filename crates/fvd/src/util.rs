@@ -196,20 +196,7 @@ where
 /// NUL, escape sequences) are escaped, so input cannot forge or split log lines;
 /// very long input is cut (with its length said).
 pub fn log_safe(s: &str) -> String {
-    const MAX: usize = 256;
-    let mut out = String::new();
-    for (n, c) in s.chars().enumerate() {
-        if n == MAX {
-            out.push_str(&format!("...({} characters)", s.chars().count()));
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    fv_model::one_line(s, 256)
 }
 
 /// A `tracing_subscriber` writer that escapes control characters inside each

@@ -371,6 +371,25 @@ pub mod limits {
 
 /// A name (VM, network adapter, switch): 1-100 characters, no control characters
 /// (so no NUL, newline or tab), no `/`, not only white space.
+/// `s` on one line for people: control characters (newline, tab, NUL, escape
+/// sequences) escaped, so stored input cannot forge or split log lines or table
+/// rows; text beyond `max` characters cut, with its length said.
+pub fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push_str(&format!("...({} characters)", s.chars().count()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn check_name(field: &str, n: &str) -> Result<(), ConfigError> {
     let count = n.chars().count();
     if n.trim().is_empty() {
